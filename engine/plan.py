@@ -78,6 +78,9 @@ class NewSeq:
     sampling: SamplingParams
     num_prompt_tokens: int  # tokens before this count are prompt; the rest are outputs
     # (after a preemption by recompute, earlier outputs are recomputed as plain tokens)
+    prefix_token_ids: list[int] = field(default_factory=list)  # tokens at positions
+    # [0, start_pos) whose KV is already in the plan's first blocks (a prefix-cache hit);
+    # the mirror starts with them. Empty when the first plan starts at position 0.
 
 
 @dataclass(slots=True)

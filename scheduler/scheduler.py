@@ -1,0 +1,396 @@
+"""The scheduler: which tokens of which requests each step computes.
+
+Each step fills a token budget (SARATHI-style stall-free batching):
+
+1. running requests one token behind (decodes: the last sampled token + k drafts),
+2. running requests further behind (prompt chunks, recomputation after a preemption),
+3. waiting requests, first come first served, with their first chunk.
+
+So a long prompt is computed over several steps while every running decode still
+advances each step. Blocks are allocated as tokens are scheduled; when they run out,
+the most recently arrived running request is preempted (its blocks freed, recomputed
+from scratch later). Full blocks are offered to the prefix cache once computed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tandem.engine.plan import KVCacheInfo, NewSeq, SeqPlan, SeqResult, StepPlan, StepResult
+from tandem.scheduler.config import SchedulerConfig
+from tandem.scheduler.kv_blocks import (
+    ROOT_HASH,
+    BlockPool,
+    BlockPoolStats,
+    HashFn,
+    default_block_hash,
+)
+from tandem.scheduler.request import GenerateRequest, Request, RequestOutput, RequestStatus
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue holds max_queued_requests already (the server answers 429)."""
+
+
+@dataclass(slots=True)
+class SchedulerStats:
+    """A snapshot for metrics."""
+
+    num_running: int
+    num_waiting: int
+    num_preemptions: int  # all time
+    kv: BlockPoolStats
+
+
+@dataclass(slots=True)
+class TokenSplit:
+    """What a plan's tokens are, for step statistics."""
+
+    num_prefill_tokens: int  # prompt chunks and recomputed tokens
+    num_decode_tokens: int  # one last-sampled token per decoding sequence
+    num_draft_tokens: int  # speculative tokens to verify
+
+
+@dataclass(slots=True)
+class _Step:
+    """A plan under construction."""
+
+    budget: int  # tokens left in this step's budget
+    seqs: dict[int, SeqPlan] = field(default_factory=dict)  # seq id -> plan, in order
+    num_preempted: int = 0  # preemptions while planning this step
+
+    def add(self, plan: SeqPlan) -> None:
+        self.seqs[plan.seq_id] = plan
+        self.budget -= len(plan.token_ids) + plan.num_draft
+
+    def drop(self, seq_id: int) -> None:
+        plan = self.seqs.pop(seq_id, None)
+        if plan is not None:
+            self.budget += len(plan.token_ids) + plan.num_draft
+
+
+class Scheduler:
+    """Plans steps and applies their results. Single-threaded: one owner calls it."""
+
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv: KVCacheInfo,
+        hash_fn: HashFn = default_block_hash,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.kv = kv
+        self.pool = BlockPool(kv.num_blocks, kv.block_size, config.enable_prefix_caching, hash_fn)
+        self.clock = clock
+        # a sequence ends ("length") at max_model_len or when it would outgrow the pool
+        self.max_len = min(kv.max_model_len, kv.num_blocks * kv.block_size)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # in admission order
+        self._requests: dict[str, Request] = {}  # every unfinished request
+        self._by_seq: dict[int, Request] = {}
+        self._next_seq_id = 0
+        self._next_step_id = 0
+        self._finished_seq_ids: list[int] = []  # for the next plan that has seqs
+        self._preempted_seq_ids: list[int] = []  # likewise
+        self._pending_outputs: list[RequestOutput] = []  # finished inside schedule()
+        self._num_preemptions = 0
+
+    # ---- requests in and out -------------------------------------------------------
+
+    def check_request(self, req: GenerateRequest) -> None:
+        """Raise ValueError if req can never run. Reads only immutable state (thread-safe)."""
+        n = len(req.prompt_token_ids)
+        limit = self.kv.max_model_len - 1
+        if n > limit:
+            raise ValueError(
+                f"request {req.request_id}: the prompt has {n} tokens, but the model holds "
+                f"{self.kv.max_model_len} tokens (prompt + at least one output), so prompts "
+                f"may have at most {limit}"
+            )
+        need = self.pool.blocks_for(n + 1)
+        if need > self.kv.num_blocks:
+            raise ValueError(
+                f"request {req.request_id}: the prompt needs {need} KV blocks of "
+                f"{self.kv.block_size} tokens, the KV cache has only {self.kv.num_blocks}"
+            )
+
+    def can_admit(self) -> bool:
+        """Whether the waiting queue has room for one more request."""
+        return len(self.waiting) < self.config.max_queued_requests
+
+    def add_request(self, req: GenerateRequest) -> None:
+        """Queue a request. Raises ValueError (bad or duplicate) or QueueFullError."""
+        self.check_request(req)
+        if req.request_id in self._requests:
+            raise ValueError(f"request {req.request_id} is already running")
+        if not self.can_admit():
+            raise QueueFullError(
+                f"{len(self.waiting)} requests are waiting already "
+                f"(max_queued_requests={self.config.max_queued_requests})"
+            )
+        r = Request(
+            request_id=req.request_id,
+            seq_id=self._next_seq_id,
+            sampling=req.sampling,
+            token_ids=list(req.prompt_token_ids),
+            num_prompt_tokens=len(req.prompt_token_ids),
+            arrival_time=req.arrival_time,
+        )
+        self._next_seq_id += 1
+        self._requests[r.request_id] = r
+        self._by_seq[r.seq_id] = r
+        self.waiting.append(r)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Finish a request as aborted and free its blocks; its final output, or None if
+        it is unknown or finished already."""
+        req = self._requests.get(request_id)
+        if req is None:
+            return None
+        return self._finish(req, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests or self._pending_outputs)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            num_preemptions=self._num_preemptions,
+            kv=self.pool.stats(),
+        )
+
+    # ---- schedule ------------------------------------------------------------------
+
+    def schedule(self) -> StepPlan:
+        """Plan one step: decodes first, then running chunks, then admissions.
+
+        Finished and preempted seq ids ride on the next plan that has seqs, so an
+        executor never sees an empty step."""
+        step = _Step(budget=self.config.max_num_batched_tokens)
+        decodes = [r for r in self.running if r.num_uncomputed_tokens == 1]
+        chunks = [r for r in self.running if r.num_uncomputed_tokens > 1]
+        for req in decodes + chunks:
+            if req.status == RequestStatus.RUNNING:
+                self._schedule_running(req, step)
+        # after a preemption, admitting would only thrash (the victim is first in line)
+        while self._can_admit_more(step) and self._admit(self.waiting[0], step):
+            self.waiting.popleft()
+        plan = StepPlan(step_id=self._next_step_id, seqs=list(step.seqs.values()))
+        self._next_step_id += 1
+        if plan.seqs:
+            plan.finished_seq_ids, self._finished_seq_ids = self._finished_seq_ids, []
+            plan.preempted_seq_ids, self._preempted_seq_ids = self._preempted_seq_ids, []
+        return plan
+
+    def _chunk_len(self, req: Request, start: int, budget: int) -> int:
+        """Tokens of req to compute this step, from position `start`."""
+        n = min(len(req.token_ids) - start, budget)
+        threshold = self.config.long_prefill_token_threshold
+        return min(n, threshold) if threshold else n
+
+    def _schedule_running(self, req: Request, step: _Step) -> None:
+        n = self._chunk_len(req, req.num_computed_tokens, step.budget)
+        if n <= 0:
+            return
+        need = self.pool.blocks_for(req.num_computed_tokens + n) - len(req.block_ids)
+        if not self._make_room(req, need, step):
+            return
+        new_blocks = self.pool.allocate(need)
+        req.block_ids.extend(new_blocks)
+        start = req.num_computed_tokens
+        step.add(
+            SeqPlan(
+                seq_id=req.seq_id,
+                token_ids=req.token_ids[start : start + n],
+                start_pos=start,
+                new_block_ids=new_blocks,
+                sample=start + n == len(req.token_ids),
+            )
+        )
+
+    def _make_room(self, req: Request, need: int, step: _Step) -> bool:
+        """Preempt the newest running requests until `need` blocks are free; False if req
+        itself was preempted (or, as a safety net, finished: it alone outgrew the pool,
+        which `max_len` should prevent)."""
+        while self.pool.num_free_blocks < need:
+            if self.running == [req]:
+                self._pending_outputs.append(self._finish(req, RequestStatus.FINISHED_LENGTH))
+                return False
+            victim = max(self.running, key=lambda r: (r.arrival_time, r.seq_id))
+            self._preempt(victim, step)
+            if victim is req:
+                return False
+        return True
+
+    def _preempt(self, req: Request, step: _Step) -> None:
+        """Preemption by recompute: free everything, requeue at the front."""
+        step.drop(req.seq_id)
+        step.num_preempted += 1
+        self.pool.free(req.block_ids)
+        req.block_ids = []
+        req.num_computed_tokens = 0
+        req.num_registered_blocks = 0
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        if not req.prompt_logprobs_sent:
+            req.prompt_logprobs.clear()  # they are recomputed from the first chunk
+        self._num_preemptions += 1
+        self.running.remove(req)
+        self.waiting.appendleft(req)
+        self._preempted_seq_ids.append(req.seq_id)
+        req.on_worker = False
+
+    def _can_admit_more(self, step: _Step) -> bool:
+        return (
+            bool(self.waiting)
+            and step.num_preempted == 0
+            and step.budget > 0
+            and len(self.running) < self.config.max_num_seqs
+        )
+
+    def _admit(self, req: Request, step: _Step) -> bool:
+        """Start (or restart) req with its first chunk after its prefix-cache hit; False
+        if its blocks do not fit now (admission stops: first come, first served)."""
+        hits = self._prefix_hits(req)
+        num_cached = len(hits) * self.pool.block_size
+        n = self._chunk_len(req, num_cached, step.budget)
+        need = self.pool.blocks_for(num_cached + n) - len(hits)
+        if self.pool.num_free_blocks - self.pool.num_free_among(hits) < need:
+            return False
+        self.pool.touch(hits)
+        req.block_ids = hits + self.pool.allocate(need)
+        req.num_computed_tokens = num_cached
+        req.num_registered_blocks = len(hits)
+        req.status = RequestStatus.RUNNING
+        req.on_worker = True
+        if req.first_scheduled_time is None:
+            req.first_scheduled_time = self.clock()
+            req.num_cached_tokens = num_cached
+        self.running.append(req)
+        new = NewSeq(req.sampling, req.num_prompt_tokens, req.token_ids[:num_cached])
+        step.add(
+            SeqPlan(
+                seq_id=req.seq_id,
+                token_ids=req.token_ids[num_cached : num_cached + n],
+                start_pos=num_cached,
+                new_block_ids=list(req.block_ids),
+                sample=num_cached + n == len(req.token_ids),
+                new=new,
+            )
+        )
+        return True
+
+    def _prefix_hits(self, req: Request) -> list[int]:
+        """Cached blocks for req's leading full blocks, never covering its last token
+        (its logits are needed). None for prompt_logprobs requests (they need every
+        prompt position's logits)."""
+        if not self.pool.enable_prefix_caching or req.sampling.prompt_logprobs is not None:
+            return []
+        self.pool.extend_hashes(req.token_ids, req.block_hashes)
+        max_blocks = (len(req.token_ids) - 1) // self.pool.block_size
+        hits = self.pool.find_cached(req.token_ids, req.block_hashes[:max_blocks])
+        self.pool.record_prefix_query(len(req.token_ids), len(hits) * self.pool.block_size)
+        return hits
+
+    # ---- update --------------------------------------------------------------------
+
+    def update(self, plan: StepPlan, result: StepResult) -> list[RequestOutput]:
+        """Apply a step's results: advance computed tokens, append samples, finish.
+
+        Returns one output per request with news (new tokens, or its end)."""
+        if result.step_id != plan.step_id:
+            raise ValueError(f"result of step {result.step_id} given for step {plan.step_id}")
+        outputs, self._pending_outputs = self._pending_outputs, []
+        results = {r.seq_id: r for r in result.seqs}
+        for sp in plan.seqs:
+            req = self._by_seq.get(sp.seq_id)
+            if req is None or req.status != RequestStatus.RUNNING:
+                continue  # finished (aborted) since the plan was made
+            out = self._update_one(req, sp, results.get(sp.seq_id))
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def _update_one(self, req: Request, sp: SeqPlan, res: SeqResult | None) -> RequestOutput | None:
+        if res is not None and res.prompt_logprobs:
+            req.add_prompt_logprobs(res.prompt_logprobs)
+        num_accepted = res.num_accepted_drafts if res is not None else 0
+        req.num_computed_tokens += len(sp.token_ids) + num_accepted
+        if not sp.sample:
+            self._register_full_blocks(req)
+            return None
+        if res is None or not res.token_ids:
+            raise RuntimeError(
+                f"seq {sp.seq_id} was planned to sample but the executor returned no token"
+            )
+        if req.first_token_time is None:
+            req.first_token_time = self.clock()
+        taken = req.append_outputs(res.token_ids, self.kv.eos_token_ids, self.max_len)
+        want_lps = req.sampling.logprobs is not None and res.logprobs is not None
+        new_lps = res.logprobs[:taken] if want_lps and res.logprobs is not None else None
+        if req.status.is_finished:
+            req.finished_time = self.clock()
+            self._release(req)
+        else:
+            self._register_full_blocks(req)
+        return req.make_output(res.token_ids[:taken], new_lps)
+
+    def _register_full_blocks(self, req: Request) -> None:
+        """Offer each newly computed full block to the prefix cache."""
+        bs = self.pool.block_size
+        num_full = req.num_computed_tokens // bs
+        if not self.pool.enable_prefix_caching or num_full <= req.num_registered_blocks:
+            return
+        self.pool.extend_hashes(req.token_ids, req.block_hashes)
+        for i in range(req.num_registered_blocks, num_full):
+            parent = req.block_hashes[i - 1] if i else ROOT_HASH
+            tokens = tuple(req.token_ids[i * bs : (i + 1) * bs])
+            self.pool.cache_block(req.block_ids[i], req.block_hashes[i], parent, tokens)
+        req.num_registered_blocks = num_full
+
+    def _finish(self, req: Request, status: RequestStatus) -> RequestOutput:
+        req.status = status
+        req.finished_time = self.clock()
+        self._release(req)
+        return req.make_output([], None)
+
+    def _release(self, req: Request) -> None:
+        """Forget a finished request: free its blocks, tell the workers."""
+        self.pool.free(req.block_ids)
+        req.block_ids = []
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        del self._requests[req.request_id]
+        del self._by_seq[req.seq_id]
+        if req.on_worker:
+            self._finished_seq_ids.append(req.seq_id)
+            req.on_worker = False
+
+    # ---- statistics ----------------------------------------------------------------
+
+    def token_split(self, plan: StepPlan) -> TokenSplit:
+        """Classify a plan's tokens; call it between schedule() and update()."""
+        prefill = decode = draft = 0
+        for sp in plan.seqs:
+            draft += sp.num_draft
+            req = self._by_seq[sp.seq_id]
+            if sp.sample and len(sp.token_ids) == 1 and sp.start_pos >= req.num_prompt_tokens:
+                decode += 1
+            else:
+                prefill += len(sp.token_ids)
+        return TokenSplit(prefill, decode, draft)

@@ -1,0 +1,81 @@
+"""Step statistics: what each step computed and how long it took, for metrics.
+
+The engine thread records; any thread may read a snapshot (a lock guards the ring).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class StepStats:
+    """One executed step."""
+
+    step_id: int
+    num_seqs: int  # sequences in the step
+    num_prefill_tokens: int  # prompt-chunk and recomputed tokens
+    num_decode_tokens: int  # one per decoding sequence
+    num_draft_tokens: int  # speculative tokens proposed for verification
+    num_accepted_drafts: int  # of those, accepted
+    num_outputs: int  # request outputs the step produced
+    step_time_s: float  # schedule + execute + update, wall clock
+    execute_time_s: float  # the executor's share of it, wall clock
+    draft_time_s: float  # as the executor measured it
+    target_time_s: float  # as the executor measured it
+    kv_usage: float  # fraction of KV blocks in use after the step
+    num_running: int  # after the step
+    num_waiting: int  # after the step
+
+
+@dataclass(slots=True)
+class StepTotals:
+    """Sums over every recorded step, plus the most recent steps."""
+
+    num_steps: int
+    num_prefill_tokens: int
+    num_decode_tokens: int
+    num_draft_tokens: int
+    num_accepted_drafts: int
+    step_time_s: float
+    execute_time_s: float
+    recent: list[StepStats]  # oldest first, at most `history` of them
+
+
+class StepStatsRecorder:
+    """Accumulates StepStats; thread-safe."""
+
+    def __init__(self, history: int = 256) -> None:
+        if history < 1:
+            raise ValueError(f"history must be >= 1, got {history}")
+        self._lock = threading.Lock()
+        self._recent: deque[StepStats] = deque(maxlen=history)
+        self._totals = StepTotals(0, 0, 0, 0, 0, 0.0, 0.0, [])
+
+    def record(self, s: StepStats) -> None:
+        with self._lock:
+            t = self._totals
+            t.num_steps += 1
+            t.num_prefill_tokens += s.num_prefill_tokens
+            t.num_decode_tokens += s.num_decode_tokens
+            t.num_draft_tokens += s.num_draft_tokens
+            t.num_accepted_drafts += s.num_accepted_drafts
+            t.step_time_s += s.step_time_s
+            t.execute_time_s += s.execute_time_s
+            self._recent.append(s)
+
+    def snapshot(self) -> StepTotals:
+        with self._lock:
+            t = self._totals
+            return StepTotals(
+                t.num_steps,
+                t.num_prefill_tokens,
+                t.num_decode_tokens,
+                t.num_draft_tokens,
+                t.num_accepted_drafts,
+                t.step_time_s,
+                t.execute_time_s,
+                list(self._recent),
+            )
