@@ -36,10 +36,20 @@ CHAT_TEMPLATE = (
 )
 # Sizes: the target deep and narrow (per-layer overhead dominates on CPU, so a 1-layer
 # draft costs a small fraction of a 10-layer target), head_dim 64 for peer kernels.
-TARGET = dict(hidden_size=256, num_hidden_layers=10, num_attention_heads=4,
-              num_key_value_heads=2, intermediate_size=768)
-DRAFT = dict(hidden_size=256, num_hidden_layers=1, num_attention_heads=4,
-             num_key_value_heads=2, intermediate_size=768)
+TARGET = dict(
+    hidden_size=256,
+    num_hidden_layers=10,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=768,
+)
+DRAFT = dict(
+    hidden_size=256,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=768,
+)
 
 
 def train_tokenizer(text: str, vocab_size: int):
@@ -54,7 +64,18 @@ def train_tokenizer(text: str, vocab_size: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator([text[i : i + 10_000] for i in range(0, len(text), 10_000)], trainer)
+    add_bos(tok)
     return tok
+
+
+def add_bos(tok) -> None:
+    """Encoding with special tokens prepends <|bos|>, as the model was trained."""
+    from tokenizers import processors
+
+    bos = tok.token_to_id("<|bos|>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|bos|> $A", pair="<|bos|> $A $B", special_tokens=[("<|bos|>", bos)]
+    )
 
 
 def wrap_tokenizer(tok):
@@ -89,8 +110,9 @@ def build_stream(text: str, hf_tok, rng: random.Random, chat_fraction: float) ->
                 {"role": "user", "content": turns[i]},
                 {"role": "assistant", "content": turns[i + 1]},
             ]
-            ids += hf_tok.encode(hf_tok.apply_chat_template(msgs, tokenize=False),
-                                 add_special_tokens=False)
+            ids += hf_tok.encode(
+                hf_tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False
+            )
             i += 2
         else:
             n = rng.randint(2, 6)
@@ -169,8 +191,11 @@ def train_model(name, cfg, train_stream, val_stream, args, rng):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % 50 == 0 or step == steps - 1:
-            print(f"[{name}] step {step}/{steps} loss {loss.item():.3f} lr {lr:.2e} "
-                  f"{time.time() - t0:.0f}s", flush=True)
+            print(
+                f"[{name}] step {step}/{steps} loss {loss.item():.3f} lr {lr:.2e} "
+                f"{time.time() - t0:.0f}s",
+                flush=True,
+            )
     model.eval()
     val = evaluate(model, val_stream[: args.val_tokens], args.seq)
     print(f"[{name}] validation loss {val:.3f}", flush=True)
@@ -230,8 +255,9 @@ def save(model, hf_tok, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default=str(HERE.parents[1] / ".." / "shared" / "data" /
-                                         "tinyshakespeare.txt"))
+    p.add_argument(
+        "--data", default=str(HERE.parents[1] / ".." / "shared" / "data" / "tinyshakespeare.txt")
+    )
     p.add_argument("--out", default=str(HERE))
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--target-steps", type=int, default=1500)
@@ -255,15 +281,19 @@ def main(argv: list[str] | None = None) -> None:
     hf_tok = wrap_tokenizer(train_tokenizer(train_text, args.vocab_size))
     train_stream = build_stream(train_text, hf_tok, rng, args.chat_fraction)
     val_stream = build_stream(val_text, hf_tok, random.Random(1), args.chat_fraction)
-    print(f"vocab {len(hf_tok)}, train tokens {len(train_stream)}, val tokens "
-          f"{len(val_stream)}", flush=True)
+    print(
+        f"vocab {len(hf_tok)}, train tokens {len(train_stream)}, val tokens {len(val_stream)}",
+        flush=True,
+    )
 
     out = Path(args.out)
-    target, val_t = train_model("target", make_config(hf_tok, TARGET), train_stream,
-                                val_stream, args, rng)
+    target, val_t = train_model(
+        "target", make_config(hf_tok, TARGET), train_stream, val_stream, args, rng
+    )
     save(target, hf_tok, out / "shakespeare-target")
-    draft, val_d = train_model("draft", make_config(hf_tok, DRAFT), train_stream,
-                               val_stream, args, rng)
+    draft, val_d = train_model(
+        "draft", make_config(hf_tok, DRAFT), train_stream, val_stream, args, rng
+    )
     save(draft, hf_tok, out / "shakespeare-draft")
 
     acc = greedy_acceptance(target, draft, val_stream)
@@ -275,8 +305,12 @@ def main(argv: list[str] | None = None) -> None:
     expected = sum(acc**j for j in range(k + 1))
     speedup = expected / (1 + k * ratio)
     prompt = hf_tok.encode("ROMEO:\n")
-    sample = target.generate(torch.tensor([[hf_tok.bos_token_id] + prompt]), max_new_tokens=60,
-                             do_sample=False, pad_token_id=hf_tok.pad_token_id)
+    sample = target.generate(
+        torch.tensor([[hf_tok.bos_token_id] + prompt]),
+        max_new_tokens=60,
+        do_sample=False,
+        pad_token_id=hf_tok.pad_token_id,
+    )
     metrics = {
         "vocab_size": len(hf_tok),
         "target_params": sum(p.numel() for p in target.parameters()),

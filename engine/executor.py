@@ -1,0 +1,31 @@
+"""Executors run steps. `UniExecutor` runs one worker in this process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tandem.engine.config import EngineConfig
+from tandem.engine.plan import KVCacheInfo, StepPlan, StepResult
+from tandem.engine.worker import Worker
+
+
+class UniExecutor:
+    """The in-process executor: one worker, one device, no IPC."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.worker = Worker(config)
+
+    @property
+    def model_dir(self) -> Path:
+        """The resolved Hugging Face directory (tokenizer and chat template live here)."""
+        return Path(self.worker.model_dir)
+
+    def kv_cache_info(self) -> KVCacheInfo:
+        return self.worker.kv_cache_info()
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        return self.worker.execute(plan)
+
+    def shutdown(self) -> None:
+        self.worker.seqs.clear()

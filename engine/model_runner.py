@@ -1,0 +1,113 @@
+"""The model runner: one model, its paged KV cache, and a forward per step.
+
+runner = ModelRunner(EngineConfig(model="path/to/hf-dir"))
+inp = build_model_input([RunSeq(prompt_ids, 0, block_ids, len(prompt_ids) - 1)],
+                        runner.block_size, runner.device)
+logits = runner.execute(inp)  # (1, V) float32: the next-token logits
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from tandem.engine.config import EngineConfig
+from tandem.engine.kv_cache import KVCacheSpec, allocate_kv_caches, num_blocks_for
+from tandem.engine.model_input import ModelInput
+from tandem.engine.models.loader import (
+    checkpoint_dtype,
+    eos_token_ids,
+    load_hf_config,
+    load_weights,
+    resolve_model_dir,
+)
+from tandem.engine.models.registry import ModelLoadError, resolve_model_class
+from tandem.engine.platform import detect_platform, resolve_dtype
+from tandem.kernels.registry import get_attention_backend
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_max_model_len(requested: int | None, hf_config) -> int:
+    """requested, or the model's max_position_embeddings; never more than the latter."""
+    limit = getattr(hf_config, "max_position_embeddings", None)
+    if limit is None:
+        if requested is None:
+            raise ModelLoadError("config.json has no max_position_embeddings; set max_model_len")
+        return requested
+    if requested is not None and requested > limit:
+        raise ValueError(
+            f"max_model_len={requested} exceeds the model's max_position_embeddings={limit}"
+        )
+    return requested or limit
+
+
+class ModelRunner:
+    """Loads the model and KV cache for an EngineConfig; `execute` runs one step."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        t0 = time.perf_counter()
+        self.config = config
+        platform = detect_platform(config.device)
+        self.device = platform.device
+        if config.num_threads is not None and platform.kind == "cpu":
+            torch.set_num_threads(config.num_threads)
+        self.model_dir: Path = resolve_model_dir(config.model)
+        self.hf_config = load_hf_config(self.model_dir)
+        self.dtype = resolve_dtype(config.dtype, platform, checkpoint_dtype(self.hf_config))
+        self.max_model_len = resolve_max_model_len(config.max_model_len, self.hf_config)
+        self.block_size = config.block_size
+        self.eos_token_ids = eos_token_ids(self.model_dir, self.hf_config)
+        self.model = self._build_model()
+        spec = KVCacheSpec(
+            num_layers=self.model.num_layers,
+            num_kv_heads=self.model.num_kv_heads,
+            head_dim=self.model.head_dim,
+            dtype=self.dtype,
+            block_size=self.block_size,
+        )
+        self.num_blocks = num_blocks_for(config.kv_cache_bytes, spec, self.max_model_len)
+        self.kv_caches = allocate_kv_caches(spec, self.num_blocks, self.backend, self.device)
+        logger.info(
+            "loaded %s (%s, %s) on %s in %.1fs: %d KV blocks of %d tokens",
+            self.model_dir,
+            type(self.model).__name__,
+            self.dtype,
+            self.device,
+            time.perf_counter() - t0,
+            self.num_blocks,
+            self.block_size,
+        )
+
+    def _build_model(self) -> torch.nn.Module:
+        model_cls = resolve_model_class(self.hf_config)
+        c = self.hf_config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        self.backend = get_attention_backend(
+            self.config.attention_backend, self.device, self.dtype, head_dim
+        )
+        model = model_cls(
+            c,
+            dtype=self.dtype,
+            device=self.device,
+            max_model_len=self.max_model_len,
+            backend=self.backend,
+        )
+        load_weights(model, self.model_dir)
+        return model.eval()
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.hf_config.vocab_size)
+
+    @torch.inference_mode()
+    def execute(self, inp: ModelInput) -> torch.Tensor:
+        """One forward over the step's T tokens -> (L, V) float32 logits for the rows
+        inp.logits_indices (in that order; L may be 0). Writes the step's K/V."""
+        hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.attn_meta)
+        if inp.logits_indices.numel() != hidden.shape[0]:
+            hidden = hidden.index_select(0, inp.logits_indices)
+        return self.model.compute_logits(hidden)
