@@ -14,6 +14,7 @@ from tandem.engine.model_input import RunSeq, build_model_input
 from tandem.engine.model_runner import ModelRunner
 
 INIT_STD = 0.08  # large enough that logits are not near-tied
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def tiny_config(arch: str, **overrides):
@@ -59,12 +60,14 @@ def save_checkpoint(model, path: Path, **save_kwargs) -> Path:
     return path
 
 
-def make_runner(model_dir: Path, block_size: int, max_model_len: int = 128) -> ModelRunner:
+def make_runner(
+    model_dir: Path, block_size: int, max_model_len: int = 128, device: str = "cpu"
+) -> ModelRunner:
     return ModelRunner(
         EngineConfig(
             model=str(model_dir),
             dtype="float32",
-            device="cpu",
+            device=device,
             block_size=block_size,
             kv_cache_memory="4MiB",
             max_model_len=max_model_len,
@@ -90,12 +93,12 @@ class BlockAllocator:
 def run_step(runner: ModelRunner, seqs: list[RunSeq]) -> list[torch.Tensor]:
     """Execute one step; the logits rows of each sequence, split back."""
     inp = build_model_input(seqs, runner.block_size, runner.device)
-    logits = runner.execute(inp)
+    logits = runner.execute(inp).cpu()
     starts = inp.logits_query_start
     return [logits[starts[i] : starts[i + 1]] for i in range(len(seqs))]
 
 
 def hf_logits(model, token_ids: list[int]) -> torch.Tensor:
-    """HF's full-forward logits (len, V) float32 for one sequence."""
+    """HF's full-forward logits (len, V) float32 on CPU for one sequence."""
     with torch.no_grad():
-        return model(torch.tensor([token_ids])).logits[0].float()
+        return model(torch.tensor([token_ids], device=model.device)).logits[0].float().cpu()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from model_checkpoints import (
+    DEVICES,
     BlockAllocator,
     build_hf_model,
     hf_logits,
@@ -60,12 +61,14 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(scope="module", params=list(VARIANTS))
+@pytest.fixture(scope="module", params=[(v, d) for d in DEVICES for v in VARIANTS], ids=str)
 def setup(request, tmp_path_factory):
-    arch, overrides, block_size, prompt_len = VARIANTS[request.param]
+    name, device = request.param
+    arch, overrides, block_size, prompt_len = VARIANTS[name]
     hf = build_hf_model(tiny_config(arch, **overrides))
-    model_dir = save_checkpoint(hf, tmp_path_factory.mktemp(request.param))
-    runner = make_runner(model_dir, block_size)
+    model_dir = save_checkpoint(hf, tmp_path_factory.mktemp(name))
+    runner = make_runner(model_dir, block_size, device=device)
+    hf.to(device)
     blocks = BlockAllocator(runner.num_blocks)
     prompt = torch.randint(3, 128, (prompt_len,), generator=torch.Generator().manual_seed(1))
     return hf, runner, blocks, prompt.tolist()
@@ -130,7 +133,10 @@ def test_greedy_matches_hf_generate(setup):
         run = RunSeq(tokens[-1:], len(tokens) - 1, table, 0)
     with torch.no_grad():
         ref = hf.generate(
-            torch.tensor([prompt]), max_new_tokens=num_new, do_sample=False, pad_token_id=0
+            torch.tensor([prompt], device=hf.device),
+            max_new_tokens=num_new,
+            do_sample=False,
+            pad_token_id=0,
         )[0].tolist()
     # HF stops early at eos (id 2); greedy is deterministic, so compare its prefix
     assert tokens[: len(ref)] == ref
