@@ -253,15 +253,15 @@ def save(model, hf_tok, out: Path) -> None:
     ).save_pretrained(out)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
         "--data", default=str(HERE.parents[1] / ".." / "shared" / "data" / "tinyshakespeare.txt")
     )
     p.add_argument("--out", default=str(HERE))
     p.add_argument("--vocab-size", type=int, default=4096)
-    p.add_argument("--target-steps", type=int, default=1500)
-    p.add_argument("--draft-steps", type=int, default=600)
+    p.add_argument("--target-steps", type=int, default=800)
+    p.add_argument("--draft-steps", type=int, default=800)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -269,11 +269,37 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--chat-fraction", type=float, default=0.3)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    p.add_argument("--eval-prompts", type=int, default=16, help="held-out prompts for acceptance")
+    return p.parse_args(argv)
 
+
+def measure_pair(target, draft, hf_tok, val_stream, n_prompts: int, k: int = 4) -> dict:
+    """The figures the README reports: acceptance, step times, predicted speed-up."""
     import torch
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    acc = greedy_acceptance(target, draft, val_stream, n_prompts)
+    t_target, t_draft = step_time(target), step_time(draft)
+    ratio = t_draft / t_target
+    # Expected tokens per verify step with per-position acceptance a (independent):
+    # 1 + a + a^2 + ... + a^k; cost k draft steps + one target step (~ a decode).
+    expected = sum(acc**j for j in range(k + 1))
+    prompt = hf_tok.encode("ROMEO:\n")  # starts with <|bos|>
+    sample = target.generate(
+        torch.tensor([prompt]), max_new_tokens=60, do_sample=False,
+        pad_token_id=hf_tok.pad_token_id,
+    )  # fmt: skip
+    return {
+        "greedy_acceptance": round(acc, 4),
+        "target_step_ms": round(t_target * 1e3, 3),
+        "draft_step_ms": round(t_draft * 1e3, 3),
+        "draft_target_step_ratio": round(ratio, 4),
+        f"predicted_speedup_k{k}": round(expected / (1 + k * ratio), 3),
+        "target_sample": hf_tok.decode(sample[0], skip_special_tokens=True),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     text = Path(args.data).read_text()
     cut = int(len(text) * 0.9)
     train_text, val_text = text[:cut], text[cut:]
@@ -281,49 +307,23 @@ def main(argv: list[str] | None = None) -> None:
     hf_tok = wrap_tokenizer(train_tokenizer(train_text, args.vocab_size))
     train_stream = build_stream(train_text, hf_tok, rng, args.chat_fraction)
     val_stream = build_stream(val_text, hf_tok, random.Random(1), args.chat_fraction)
-    print(
-        f"vocab {len(hf_tok)}, train tokens {len(train_stream)}, val tokens {len(val_stream)}",
-        flush=True,
-    )
+    print(f"vocab {len(hf_tok)}, train {len(train_stream)}, val {len(val_stream)} tokens")
 
     out = Path(args.out)
-    target, val_t = train_model(
-        "target", make_config(hf_tok, TARGET), train_stream, val_stream, args, rng
-    )
-    save(target, hf_tok, out / "shakespeare-target")
-    draft, val_d = train_model(
-        "draft", make_config(hf_tok, DRAFT), train_stream, val_stream, args, rng
-    )
-    save(draft, hf_tok, out / "shakespeare-draft")
-
-    acc = greedy_acceptance(target, draft, val_stream)
-    t_target, t_draft = step_time(target), step_time(draft)
-    ratio = t_draft / t_target
-    k = 4
-    # Expected tokens per verify step with per-position acceptance a (independent):
-    # 1 + a + a^2 + ... + a^k; cost k draft steps + one target step (~ a decode).
-    expected = sum(acc**j for j in range(k + 1))
-    speedup = expected / (1 + k * ratio)
-    prompt = hf_tok.encode("ROMEO:\n")
-    sample = target.generate(
-        torch.tensor([[hf_tok.bos_token_id] + prompt]),
-        max_new_tokens=60,
-        do_sample=False,
-        pad_token_id=hf_tok.pad_token_id,
-    )
+    models, losses = {}, {}
+    for name, sizes in (("target", TARGET), ("draft", DRAFT)):
+        models[name], losses[name] = train_model(
+            name, make_config(hf_tok, sizes), train_stream, val_stream, args, rng
+        )
+        save(models[name], hf_tok, out / f"shakespeare-{name}")
     metrics = {
         "vocab_size": len(hf_tok),
-        "target_params": sum(p.numel() for p in target.parameters()),
-        "draft_params": sum(p.numel() for p in draft.parameters()),
-        "target_val_loss": round(val_t, 4),
-        "draft_val_loss": round(val_d, 4),
-        "greedy_acceptance": round(acc, 4),
-        "target_step_ms": round(t_target * 1e3, 3),
-        "draft_step_ms": round(t_draft * 1e3, 3),
-        "draft_target_step_ratio": round(ratio, 4),
-        "predicted_speedup_k4": round(speedup, 3),
-        "target_sample": hf_tok.decode(sample[0], skip_special_tokens=True),
-        "args": vars(args),
+        "target_params": sum(p.numel() for p in models["target"].parameters()),
+        "draft_params": sum(p.numel() for p in models["draft"].parameters()),
+        "target_val_loss": round(losses["target"], 4),
+        "draft_val_loss": round(losses["draft"], 4),
+        **measure_pair(models["target"], models["draft"], hf_tok, val_stream, args.eval_prompts),
+        "args": {k: v for k, v in vars(args).items() if k not in ("data", "out")},
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps(metrics, indent=2))

@@ -21,7 +21,7 @@ def test_training_script_runs_and_writes_loadable_models(tmp_path):
     main([
         "--data", str(data), "--out", str(tmp_path), "--vocab-size", "400",
         "--target-steps", "3", "--draft-steps", "2", "--batch", "2", "--seq", "32",
-        "--val-tokens", "2000",
+        "--val-tokens", "2000", "--eval-prompts", "2",
     ])  # fmt: skip
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert 0.0 <= metrics["greedy_acceptance"] <= 1.0
