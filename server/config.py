@@ -1,0 +1,66 @@
+"""The HTTP server's configuration: one frozen dataclass; CLI flags come from the fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Where and how the OpenAI-compatible server listens."""
+
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
+    port: int = field(default=8000, metadata={"help": "TCP port to listen on (0 = any free)"})
+    served_model_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "the model name clients send and responses report; default: "
+            "tandem-shakespeare for the built-in model, else MODEL as given"
+        },
+    )
+    api_key: str | None = field(
+        default=None,
+        metadata={
+            "help": "require `Authorization: Bearer KEY` on every route but /health and "
+            "/metrics; default: the TANDEM_API_KEY environment variable, else no key"
+        },
+    )
+    chat_template: str | None = field(
+        default=None,
+        metadata={"help": "chat template (Jinja) file or inline string; default: the model's"},
+    )
+    allowed_origins: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "CORS origins allowed to call the API, comma-separated ('*' = any)"},
+    )
+    shutdown_timeout: float = field(
+        default=30.0,
+        metadata={
+            "help": "seconds in-flight requests may take to finish after SIGTERM "
+            "before they are aborted"
+        },
+    )
+    log_level: str = field(default="info", metadata={"help": "|".join(LOG_LEVELS)})
+    max_request_body_bytes: int = field(
+        default=8 << 20, metadata={"help": "larger request bodies get HTTP 413"}
+    )
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535]; got {self.port}")
+        if self.shutdown_timeout < 0:
+            raise ValueError(f"shutdown_timeout must be >= 0 seconds; got {self.shutdown_timeout}")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(
+                f"log_level must be one of {', '.join(LOG_LEVELS)}; got {self.log_level!r}"
+            )
+        if self.max_request_body_bytes <= 0:
+            raise ValueError(
+                f"max_request_body_bytes must be > 0; got {self.max_request_body_bytes}"
+            )
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("api_key must not be empty")
+        if self.served_model_name is not None and not self.served_model_name.strip():
+            raise ValueError("served_model_name must not be empty")
