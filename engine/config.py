@@ -22,6 +22,9 @@ _UNITS = {
     "gib": 1 << 30,
     "tib": 1 << 40,
 }
+# kept equal to tandem.kernels.registry.BACKENDS (a test checks), so that this module,
+# which the CLI reads, imports no torch
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn", "npu")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|npu)(:\d+)?$")
 
 
@@ -78,7 +81,18 @@ class EngineConfig:
         },
     )
     attention_backend: str = field(
-        default="auto", metadata={"help": "attention kernels: auto|torch (auto: fastest usable)"}
+        default="auto",
+        metadata={
+            "help": "attention kernels: auto|torch|triton|flash_attn|npu (auto: the fastest "
+            "usable on this device for the dtype, head_dim and block_size; refusals are logged)"
+        },
+    )
+    enforce_eager: bool = field(
+        default=False,
+        metadata={
+            "help": "never replay CUDA graphs (by default decode steps and verify windows "
+            "are captured per batch-size bucket and window length on CUDA)"
+        },
     )
     seed: int = field(default=0, metadata={"help": "seed for requests that do not set one"})
     num_threads: int | None = field(
@@ -99,8 +113,11 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be > 0; got {self.max_model_len}")
         if self.num_threads is not None and self.num_threads <= 0:
             raise ValueError(f"num_threads must be > 0; got {self.num_threads}")
-        if not self.attention_backend:
-            raise ValueError("attention_backend must be a backend name or 'auto'")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}; "
+                f"got {self.attention_backend!r}"
+            )
         if self.model is not None and not self.model.strip():
             raise ValueError("model must be a directory or hub id, or None for the built-in")
 

@@ -6,15 +6,18 @@ from pathlib import Path
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.plan import KVCacheInfo, StepPlan, StepResult
+from tandem.engine.spec_config import SpeculativeConfig
 from tandem.engine.worker import Worker
 
 
 class UniExecutor:
-    """The in-process executor: one worker, one device, no IPC."""
+    """The in-process executor: one worker, one device, no IPC. `spec` loads a draft
+    model when its method is "draft" (n-gram drafts come in the plans)."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, spec: SpeculativeConfig | None = None) -> None:
         self.config = config
-        self.worker = Worker(config)
+        self.spec = spec
+        self.worker = Worker(config, spec)
 
     @property
     def model_dir(self) -> Path:

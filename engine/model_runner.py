@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from tandem.engine.config import EngineConfig
+from tandem.engine.cuda_graphs import CudaGraphRunner, cuda_graph_refusals
 from tandem.engine.kv_cache import KVCacheSpec, allocate_kv_caches, num_blocks_for
 from tandem.engine.model_input import ModelInput
 from tandem.engine.models.loader import (
@@ -46,9 +47,12 @@ def resolve_max_model_len(requested: int | None, hf_config) -> int:
 
 
 class ModelRunner:
-    """Loads the model and KV cache for an EngineConfig; `execute` runs one step."""
+    """Loads the model and KV cache for an EngineConfig; `execute` runs one step.
 
-    def __init__(self, config: EngineConfig) -> None:
+    num_blocks: KV blocks to allocate; default: as many as config.kv_cache_memory holds
+    (a draft model passes the target's count, so both index the same block ids)."""
+
+    def __init__(self, config: EngineConfig, num_blocks: int | None = None) -> None:
         t0 = time.perf_counter()
         self.config = config
         platform = detect_platform(config.device)
@@ -69,8 +73,11 @@ class ModelRunner:
             dtype=self.dtype,
             block_size=self.block_size,
         )
-        self.num_blocks = num_blocks_for(config.kv_cache_bytes, spec, self.max_model_len)
+        if num_blocks is None:
+            num_blocks = num_blocks_for(config.kv_cache_bytes, spec, self.max_model_len)
+        self.num_blocks = num_blocks
         self.kv_caches = allocate_kv_caches(spec, self.num_blocks, self.backend, self.device)
+        self.graphs = self._cuda_graphs()
         logger.info(
             "loaded %s (%s, %s) on %s in %.1fs: %d KV blocks of %d tokens",
             self.model_dir,
@@ -87,7 +94,7 @@ class ModelRunner:
         c = self.hf_config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         self.backend = get_attention_backend(
-            self.config.attention_backend, self.device, self.dtype, head_dim
+            self.config.attention_backend, self.device, self.dtype, head_dim, self.block_size
         )
         model = model_cls(
             c,
@@ -99,6 +106,20 @@ class ModelRunner:
         load_weights(model, self.model_dir)
         return model.eval()
 
+    def _cuda_graphs(self) -> CudaGraphRunner | None:
+        """The graph runner for uniform decode/verify steps, or None (logged why)."""
+        refusals = cuda_graph_refusals(self.config.enforce_eager, self.device, self.backend)
+        if refusals:
+            logger.info("CUDA graphs off: %s", "; ".join(refusals))
+            return None
+        return CudaGraphRunner(
+            self.model,
+            self.kv_caches,
+            block_size=self.block_size,
+            max_model_len=self.max_model_len,
+            device=self.device,
+        )
+
     @property
     def vocab_size(self) -> int:
         return int(self.hf_config.vocab_size)
@@ -107,7 +128,11 @@ class ModelRunner:
     def execute(self, inp: ModelInput) -> torch.Tensor:
         """One forward over the step's T tokens -> (L, V) float32 logits for the rows
         inp.logits_indices (in that order; L may be 0). Writes the step's K/V."""
-        hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.attn_meta)
+        key = None if self.graphs is None else self.graphs.key_for(inp)
+        if key is None:
+            hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.attn_meta)
+        else:  # uniform decode / verify step: replay its CUDA graph
+            hidden = self.graphs.run(inp, key)
         if inp.logits_indices.numel() != hidden.shape[0]:
             hidden = hidden.index_select(0, inp.logits_indices)
         return self.model.compute_logits(hidden)

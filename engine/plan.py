@@ -90,7 +90,9 @@ class SeqPlan:
     seq_id: int  # engine-wide id, unique while the sequence lives
     token_ids: list[int]  # tokens to compute now: a prompt chunk, or the last sampled token
     start_pos: int  # position of token_ids[0] (= tokens already in the KV cache)
-    new_block_ids: list[int]  # KV blocks appended to this sequence's table since last step
+    new_block_ids: list[int]  # KV blocks appended to this sequence's table since last step;
+    # the table first keeps only the ceil(start_pos / block_size) blocks that hold
+    # computed tokens (blocks given for rejected drafts are taken back by the scheduler)
     sample: bool  # sample after the last token (False for a non-final prompt chunk)
     new: NewSeq | None = None  # set on the sequence's first plan
     num_draft: int = 0  # k: draft tokens to propose and verify (0 = plain decode)
@@ -131,7 +133,10 @@ class SeqResult:
     logprobs: list[TokenLogprobs] | None = None  # one per token_ids entry, when asked
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # one per planned prompt
     # token of this chunk; None for the sequence's very first token (nothing precedes it)
-    num_accepted_drafts: int = 0
+    num_accepted_drafts: int = 0  # drafts kept (token_ids = those drafts + 1 more)
+    probe_accepted: bool | None = None  # k = 0 with a draft model: whether the draft the
+    # sequence would have got equals the token sampled (acceptance statistics while not
+    # speculating); None when not probed
 
 
 @dataclass(slots=True)

@@ -1,15 +1,19 @@
-"""One worker: a mirror of each sequence, the model runner and the sampler.
+"""One worker: a mirror of each sequence, the model runner, the draft proposer, the sampler.
 
-`Worker.execute(plan)` is: correct the mirrors from the plan, one flattened forward
-over every scheduled token, then sample (and compute logprobs) for the rows that
-need it. The mirrors never advance on their own: each plan says what to compute.
+`Worker.execute(plan)` is: correct the mirrors from the plan; propose drafts (the draft
+model's, or the plan's n-gram drafts); one flattened target forward over every
+scheduled token, a sequence with k drafts running a verification window of k+1
+tokens; then sample (and compute logprobs) for the rows that need it and keep the
+drafts that the target agrees with (`verify.coupled_accept`). The mirrors never
+advance on their own: each plan says what to compute, and its start_pos cuts off the
+drafts the previous step rejected.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
@@ -18,36 +22,40 @@ from tandem.engine.model_input import RunSeq, build_model_input
 from tandem.engine.model_runner import ModelRunner
 from tandem.engine.plan import (
     KVCacheInfo,
-    SamplingParams,
     SeqPlan,
     SeqResult,
     StepPlan,
     StepResult,
     TokenLogprobs,
 )
+from tandem.engine.proposers import DraftModelProposer, Proposals, draft_model_dir
 from tandem.engine.sampler import Sampler, SampleRow, SamplingMetadata, compute_token_logprobs
+from tandem.engine.seq_state import SeqState
+from tandem.engine.spec_config import SpeculativeConfig
+from tandem.engine.verify import coupled_accept
 
-
-@dataclass(slots=True)
-class SeqState:
-    """A worker's mirror of one sequence, corrected by every plan."""
-
-    token_ids: list[int]  # tokens in the KV cache or being computed this step
-    block_table: list[int]  # KV block ids, in order
-    sampling: SamplingParams
-    num_prompt_tokens: int  # token_ids[:num_prompt_tokens] is the prompt
-    seed: int  # the request's seed, or one drawn for it at creation
-    carry_logits: torch.Tensor | None = None  # (V,) last prompt-chunk row, for the
-    # prompt logprob of the next chunk's first token
+__all__ = ["SeqState", "Worker"]
 
 
 class Worker:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, spec: SpeculativeConfig | None = None) -> None:
         self.config = config
         self.runner = ModelRunner(config)
         self.sampler = Sampler()
         self.seqs: dict[int, SeqState] = {}
         self._seed_rng = random.Random(config.seed)
+        self.proposer: DraftModelProposer | None = None
+        if spec is not None and spec.uses_draft_model:
+            r = self.runner
+            self.proposer = DraftModelProposer(
+                config,
+                draft_model_dir(spec.speculative_model, config.model),
+                spec.speculative_dtype,
+                num_blocks=r.num_blocks,
+                max_model_len=r.max_model_len,
+                vocab_size=r.vocab_size,
+                eos_token_ids=tuple(r.eos_token_ids),
+            )
 
     @property
     def model_dir(self):
@@ -67,21 +75,32 @@ class Worker:
         for seq_id in plan.finished_seq_ids + plan.preempted_seq_ids:
             self.seqs.pop(seq_id, None)
         states = [self._apply(p) for p in plan.seqs]
-        run_seqs = [
-            RunSeq(p.token_ids, p.start_pos, s.block_table, self._logits_from(p, s))
-            for p, s in zip(plan.seqs, states, strict=True)
-        ]
-        inp = build_model_input(run_seqs, self.runner.block_size, self.runner.device)
         t1 = time.perf_counter()
-        logits = self.runner.execute(inp)
+        props = self._propose(plan, states)
         t2 = time.perf_counter()
-        results = self._sample(plan, states, run_seqs, logits)
+        run_seqs = []
+        for p, s, drafts in zip(plan.seqs, states, props.drafts, strict=True):
+            run_seqs.append(
+                RunSeq(p.token_ids + drafts, p.start_pos, s.block_table, self._logits_from(p, s))
+            )
+            s.token_ids.extend(drafts)
+        inp = build_model_input(run_seqs, self.runner.block_size, self.runner.device)
         t3 = time.perf_counter()
+        logits = self.runner.execute(inp)
+        t4 = time.perf_counter()
+        results = self._sample(plan, states, run_seqs, props, logits)
+        t5 = time.perf_counter()
         return StepResult(
             step_id=plan.step_id,
             seqs=results,
-            target_time_s=t3 - t1,
-            phase_times_s={"prepare": t1 - t0, "forward": t2 - t1, "sample": t3 - t2},
+            draft_time_s=t2 - t1,
+            target_time_s=t5 - t3,
+            phase_times_s={
+                "prepare": (t1 - t0) + (t3 - t2),
+                "draft": t2 - t1,
+                "forward": t4 - t3,
+                "sample": t5 - t4,
+            },
         )
 
     def _apply(self, p: SeqPlan) -> SeqState:
@@ -103,23 +122,45 @@ class Worker:
             )
         del state.token_ids[p.start_pos :]  # drops rejected drafts, if any
         state.token_ids.extend(p.token_ids)
+        del state.block_table[-(-p.start_pos // self.runner.block_size) :]  # ditto, blocks
         state.block_table.extend(p.new_block_ids)
         return state
 
+    def _propose(self, plan: StepPlan, states: list[SeqState]) -> Proposals:
+        """Drafts per sequence: the draft model's, or those the plan carries (n-gram)."""
+        for p in plan.seqs:
+            if p.num_draft < 0 or (p.num_draft and not p.sample):
+                raise ValueError(f"seq {p.seq_id}: num_draft={p.num_draft} needs sample=True")
+            sent = len(p.draft_token_ids)
+            if self.proposer is not None and sent:
+                raise ValueError(
+                    f"seq {p.seq_id}: the plan sends drafts, but this worker proposes its own "
+                    "with a draft model"
+                )
+            if self.proposer is None and sent != p.num_draft:
+                raise ValueError(
+                    f"seq {p.seq_id}: num_draft={p.num_draft} but the plan sends {sent} drafts "
+                    "and this worker has no draft model"
+                )
+        if self.proposer is not None:
+            return self.proposer.propose(plan, states)
+        return Proposals([list(p.draft_token_ids) for p in plan.seqs], [None] * len(plan.seqs))
+
     @staticmethod
     def _logits_from(p: SeqPlan, s: SeqState) -> int:
-        """Index into p.token_ids from which logits are needed."""
+        """Index into p.token_ids (+ drafts) from which logits are needed."""
         n = len(p.token_ids)
         if s.sampling.prompt_logprobs is not None and p.start_pos < s.num_prompt_tokens:
             return 0
         return n - 1 if p.sample else n
 
-    def _sample(self, plan, states, run_seqs, logits) -> list[SeqResult]:
+    def _sample(self, plan, states, run_seqs, props: Proposals, logits) -> list[SeqResult]:
         rows: list[SampleRow] = []
         row_index: list[int] = []  # logits row of each sample row
+        sampled: list[tuple[SeqResult, int]] = []  # (result, plan index) of sampling seqs
         results: list[SeqResult] = []
         offset = 0
-        for p, s, rs in zip(plan.seqs, states, run_seqs, strict=True):
+        for i, (p, s, rs) in enumerate(zip(plan.seqs, states, run_seqs, strict=True)):
             n_rows = len(rs.token_ids) - rs.logits_from
             result = SeqResult(seq_id=p.seq_id, token_ids=[])
             if rs.logits_from == 0 and s.sampling.prompt_logprobs is not None:
@@ -127,36 +168,40 @@ class Worker:
                     p, s, logits[offset : offset + n_rows]
                 )
             if p.sample:
-                rows.append(
-                    SampleRow(
-                        params=s.sampling,
-                        seed=s.seed,
-                        output_pos=len(s.token_ids) - s.num_prompt_tokens,
-                        prompt_token_ids=s.token_ids[: s.num_prompt_tokens],
-                        output_token_ids=s.token_ids[s.num_prompt_tokens :],
-                    )
-                )
-                row_index.append(offset + n_rows - 1)
+                drafts = props.drafts[i]
+                base = p.start_pos + len(p.token_ids)
+                first = offset + n_rows - len(drafts) - 1  # the window's first row
+                for j in range(len(drafts) + 1):
+                    rows.append(s.sample_row(base, drafts[:j], for_draft=False))
+                    row_index.append(first + j)
+                sampled.append((result, i))
             if p.sample or result.prompt_logprobs is not None:
                 results.append(result)
             offset += n_rows
         if rows:
-            self._sample_rows(rows, row_index, logits, results, plan)
+            self._sample_rows(rows, row_index, logits, sampled, props)
         return results
 
-    def _sample_rows(self, rows, row_index, logits, results, plan) -> None:
+    def _sample_rows(self, rows, row_index, logits, sampled, props: Proposals) -> None:
+        """Sample every window row; keep each sequence's drafts up to the first that
+        differs from the target's token there, then that token (or the bonus)."""
         meta = SamplingMetadata.build(
             rows, tuple(self.runner.eos_token_ids), logits.shape[-1], logits.device
         )
         out = self.sampler(logits[row_index], meta)
-        token_ids = out.token_ids.tolist()
+        token_ids = out.token_ids.tolist()  # the step's one host sync
         token_lps = out.to_token_logprobs(rows)
-        by_id = {r.seq_id: r for r in results}
-        sampled = [p for p in plan.seqs if p.sample]
-        for p, tok, lp in zip(sampled, token_ids, token_lps, strict=True):
-            res = by_id[p.seq_id]
-            res.token_ids = [tok]
-            res.logprobs = None if lp is None else [lp]
+        drafts = [props.drafts[i] for _, i in sampled]
+        starts = list(accumulate((len(d) + 1 for d in drafts), initial=0))
+        windows = [token_ids[r : r + len(d) + 1] for r, d in zip(starts, drafts, strict=False)]
+        accepted = coupled_accept(windows, drafts)
+        for (res, i), r, a in zip(sampled, starts, accepted, strict=False):
+            res.token_ids = token_ids[r : r + a + 1]
+            res.num_accepted_drafts = a
+            lps = token_lps[r : r + a + 1]
+            res.logprobs = None if lps[0] is None else lps
+            if props.probes[i] is not None:
+                res.probe_accepted = props.probes[i] == token_ids[r]
 
     def _prompt_logprobs(self, p: SeqPlan, s: SeqState, rows: torch.Tensor):
         """Logprobs of this chunk's prompt tokens, each given the tokens before it.

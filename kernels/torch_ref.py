@@ -202,10 +202,12 @@ class TorchAttentionBackend:
     """The reference backend: torch SDPA over gathered blocks. Runs wherever torch does."""
 
     name = "torch"
+    ops_module = __name__
+    supports_cuda_graphs = False  # bucket shapes and masks change with every step
 
     @classmethod
     def unavailable_reasons(
-        cls, device: torch.device, dtype: torch.dtype, head_dim: int
+        cls, device: torch.device, dtype: torch.dtype, head_dim: int, block_size: int
     ) -> list[str]:
         reasons = []
         if dtype not in SUPPORTED_DTYPES:

@@ -60,16 +60,21 @@ class AttnMetadata:
     runs: AttnBucket | None  # the runs of two or more tokens, if any
     kv_write_rows: torch.Tensor | None = None  # backend-specific write rows, set by prepare
     workspace: torch.Tensor | None = None  # scratch shared by all layers, set by prepare
+    backend_data: object | None = None  # other per-step data of one backend, set by prepare
 
 
 class AttentionBackend(Protocol):
     """One way to write and read the paged KV cache. Stateless; see kernels.registry."""
 
     name: str
+    ops_module: str  # module with the model's other ops (rms_norm, rms_norm_residual,
+    # rotate_neox, silu_and_mul; see torch_ref) for this backend's devices
+    supports_cuda_graphs: bool  # write_kv/prepare/paged_attention are capturable: no host
+    # syncs, shapes from host ints only, pad tokens with slot -1 are skipped
 
     @classmethod
     def unavailable_reasons(
-        cls, device: torch.device, dtype: torch.dtype, head_dim: int
+        cls, device: torch.device, dtype: torch.dtype, head_dim: int, block_size: int
     ) -> list[str]:
         """Why this backend cannot run here; empty when it can."""
         ...

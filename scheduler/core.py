@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tandem.engine.plan import Executor, KVCacheInfo, StepPlan, StepResult
+from tandem.engine.spec_config import SpeculativeConfig
 from tandem.scheduler.config import SchedulerConfig
 from tandem.scheduler.kv_blocks import HashFn, default_block_hash
 from tandem.scheduler.request import GenerateRequest, RequestOutput
@@ -37,11 +38,14 @@ class EngineCore:
         hash_fn: HashFn = default_block_hash,
         clock: Callable[[], float] = time.monotonic,
         stats_history: int = 256,
+        spec: SpeculativeConfig | None = None,
     ) -> None:
+        """spec: speculative decoding, the same config the executor got (its draft
+        model proposes in the engine; n-gram drafts and k are chosen here)."""
         self.config = config
         self.executor = executor
         self.kv: KVCacheInfo = executor.kv_cache_info()
-        self.scheduler = Scheduler(config, self.kv, hash_fn=hash_fn, clock=clock)
+        self.scheduler = Scheduler(config, self.kv, hash_fn=hash_fn, clock=clock, spec=spec)
         self.step_stats = StepStatsRecorder(stats_history)
 
     def step(self) -> list[RequestOutput]:
@@ -52,7 +56,9 @@ class EngineCore:
         result, execute_time = self._execute(plan)
         outputs = self.scheduler.update(plan, result)
         if plan.seqs:
-            self._record(plan, result, split, outputs, time.perf_counter() - t0, execute_time)
+            step_time = time.perf_counter() - t0
+            self.scheduler.record_step(plan, result, step_time)
+            self._record(plan, result, split, outputs, step_time, execute_time)
         return outputs
 
     def _execute(self, plan: StepPlan) -> tuple[StepResult, float]:
@@ -81,6 +87,7 @@ class EngineCore:
                 num_decode_tokens=split.num_decode_tokens,
                 num_draft_tokens=split.num_draft_tokens,
                 num_accepted_drafts=sum(r.num_accepted_drafts for r in result.seqs),
+                num_sampled_tokens=sum(len(r.token_ids) for r in result.seqs),
                 num_outputs=len(outputs),
                 step_time_s=step_time,
                 execute_time_s=execute_time,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 from tandem.engine.plan import SamplingParams, TokenLogprobs
+from tandem.scheduler.spec_control import RequestSpec
 
 
 class RequestStatus(IntEnum):
@@ -50,10 +51,15 @@ class GenerateRequest:
     prompt_token_ids: list[int]  # the tokenized prompt, at least one token
     sampling: SamplingParams  # how to pick tokens, when to stop
     arrival_time: float = field(default_factory=time.monotonic)  # time.monotonic() seconds
+    max_draft_tokens: int | None = None  # cap on this request's k per step (0 = never
+    # speculate); None = the server's num_speculative_tokens
 
     def __post_init__(self) -> None:
         if not isinstance(self.request_id, str) or not self.request_id:
             raise ValueError(f"request_id must be a non-empty string, got {self.request_id!r}")
+        k = self.max_draft_tokens
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 0):
+            raise ValueError(f"request {self.request_id}: max_draft_tokens must be >= 0, got {k!r}")
         if not self.prompt_token_ids:
             raise ValueError(f"request {self.request_id}: the prompt has no tokens")
         bad = [t for t in self.prompt_token_ids if not isinstance(t, int) or t < 0]
@@ -79,6 +85,10 @@ class RequestOutput:
     num_output_tokens: int  # outputs so far, this step's included
     num_cached_tokens: int  # prompt tokens served by the prefix cache
     error: str | None = None  # set when the request failed rather than ended normally
+    num_draft_tokens: int = 0  # speculative drafts verified for it so far
+    num_accepted_draft_tokens: int = 0  # of those, accepted
+    first_scheduled_time: float | None = None  # the request's first admission (clock
+    # seconds, the scheduler's clock: time.monotonic when serving); None before it
 
 
 @dataclass(slots=True, eq=False)  # identity equality: requests are entities
@@ -107,6 +117,11 @@ class Request:
     first_scheduled_time: float | None = None  # first admission (queue time ends)
     first_token_time: float | None = None  # first sampled token (TTFT)
     finished_time: float | None = None
+    max_draft_tokens: int | None = None  # from GenerateRequest: cap on k, None = K
+    spec: RequestSpec | None = None  # speculation state (acceptance, n-gram index), made
+    # on its first decode when speculation is on
+    num_draft_tokens: int = 0  # drafts verified, all steps
+    num_accepted_draft_tokens: int = 0  # of those, accepted
 
     @property
     def num_output_tokens(self) -> int:
@@ -183,4 +198,7 @@ class Request:
             num_prompt_tokens=self.num_prompt_tokens,
             num_output_tokens=self.num_output_tokens,
             num_cached_tokens=self.num_cached_tokens,
+            num_draft_tokens=self.num_draft_tokens,
+            num_accepted_draft_tokens=self.num_accepted_draft_tokens,
+            first_scheduled_time=self.first_scheduled_time,
         )

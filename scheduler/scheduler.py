@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tandem.engine.plan import KVCacheInfo, NewSeq, SeqPlan, SeqResult, StepPlan, StepResult
+from tandem.engine.spec_config import SpeculativeConfig
 from tandem.scheduler.config import SchedulerConfig
 from tandem.scheduler.kv_blocks import (
     ROOT_HASH,
@@ -29,6 +30,7 @@ from tandem.scheduler.kv_blocks import (
     default_block_hash,
 )
 from tandem.scheduler.request import GenerateRequest, Request, RequestOutput, RequestStatus
+from tandem.scheduler.speculation import SpecPlanner, SpecStats
 
 
 class QueueFullError(RuntimeError):
@@ -43,6 +45,7 @@ class SchedulerStats:
     num_waiting: int
     num_preemptions: int  # all time
     kv: BlockPoolStats
+    spec: SpecStats | None = None  # speculation counters; None when speculation is off
 
 
 @dataclass(slots=True)
@@ -81,6 +84,7 @@ class Scheduler:
         kv: KVCacheInfo,
         hash_fn: HashFn = default_block_hash,
         clock: Callable[[], float] = time.monotonic,
+        spec: SpeculativeConfig | None = None,
     ) -> None:
         self.config = config
         self.kv = kv
@@ -98,6 +102,9 @@ class Scheduler:
         self._preempted_seq_ids: list[int] = []  # likewise
         self._pending_outputs: list[RequestOutput] = []  # finished inside schedule()
         self._num_preemptions = 0
+        self.spec: SpecPlanner | None = None  # k per decode, n-gram drafts, statistics
+        if spec is not None and spec.enabled:
+            self.spec = SpecPlanner(spec, self.pool, self.max_len)
 
     # ---- requests in and out -------------------------------------------------------
 
@@ -139,6 +146,7 @@ class Scheduler:
             token_ids=list(req.prompt_token_ids),
             num_prompt_tokens=len(req.prompt_token_ids),
             arrival_time=req.arrival_time,
+            max_draft_tokens=req.max_draft_tokens,
         )
         self._next_seq_id += 1
         self._requests[r.request_id] = r
@@ -170,6 +178,7 @@ class Scheduler:
             num_waiting=len(self.waiting),
             num_preemptions=self._num_preemptions,
             kv=self.pool.stats(),
+            spec=self.spec.stats() if self.spec is not None else None,
         )
 
     # ---- schedule ------------------------------------------------------------------
@@ -188,6 +197,10 @@ class Scheduler:
         # after a preemption, admitting would only thrash (the victim is first in line)
         while self._can_admit_more(step) and self._admit(self.waiting[0], step):
             self.waiting.popleft()
+        if self.spec is not None:  # drafts take what the budget has left
+            step.budget -= self.spec.plan_drafts(
+                self._next_step_id, step.seqs, decodes, step.budget, self._by_seq
+            )
         plan = StepPlan(step_id=self._next_step_id, seqs=list(step.seqs.values()))
         self._next_step_id += 1
         if plan.seqs:
@@ -328,25 +341,41 @@ class Scheduler:
         if res is not None and res.prompt_logprobs:
             req.add_prompt_logprobs(res.prompt_logprobs)
         num_accepted = res.num_accepted_drafts if res is not None else 0
+        if not 0 <= num_accepted <= sp.num_draft:
+            raise RuntimeError(f"seq {sp.seq_id}: {num_accepted} of {sp.num_draft} drafts accepted")
         req.num_computed_tokens += len(sp.token_ids) + num_accepted
         if not sp.sample:
             self._register_full_blocks(req)
             return None
-        if res is None or not res.token_ids:
+        if res is None or len(res.token_ids) != num_accepted + 1:
             raise RuntimeError(
-                f"seq {sp.seq_id} was planned to sample but the executor returned no token"
+                f"seq {sp.seq_id} was planned to sample but the executor returned "
+                f"{0 if res is None else len(res.token_ids)} tokens for {num_accepted} "
+                "accepted drafts"
             )
         if req.first_token_time is None:
             req.first_token_time = self.clock()
+        if self.spec is not None:
+            self.spec.on_result(req, sp, res)
         taken = req.append_outputs(res.token_ids, self.kv.eos_token_ids, self.max_len)
+        req.num_computed_tokens = min(req.num_computed_tokens, len(req.token_ids))
         want_lps = req.sampling.logprobs is not None and res.logprobs is not None
         new_lps = res.logprobs[:taken] if want_lps and res.logprobs is not None else None
         if req.status.is_finished:
             req.finished_time = self.clock()
             self._release(req)
         else:
+            self._trim_blocks(req)
             self._register_full_blocks(req)
         return req.make_output(res.token_ids[:taken], new_lps)
+
+    def _trim_blocks(self, req: Request) -> None:
+        """Take back the blocks that only rejected drafts used: a running request holds
+        exactly the blocks of its computed tokens (workers cut their tables alike)."""
+        keep = self.pool.blocks_for(req.num_computed_tokens)
+        if len(req.block_ids) > keep:
+            self.pool.free(req.block_ids[keep:])
+            del req.block_ids[keep:]
 
     def _register_full_blocks(self, req: Request) -> None:
         """Offer each newly computed full block to the prefix cache."""
@@ -382,6 +411,11 @@ class Scheduler:
             req.on_worker = False
 
     # ---- statistics ----------------------------------------------------------------
+
+    def record_step(self, plan: StepPlan, result: StepResult, step_time_s: float) -> None:
+        """A step's measured wall time (schedule + execute + update), for the cost model."""
+        if self.spec is not None:
+            self.spec.on_step(plan, result, step_time_s, self._by_seq)
 
     def token_split(self, plan: StepPlan) -> TokenSplit:
         """Classify a plan's tokens; call it between schedule() and update()."""

@@ -20,6 +20,8 @@ class StepStats:
     num_decode_tokens: int  # one per decoding sequence
     num_draft_tokens: int  # speculative tokens proposed for verification
     num_accepted_drafts: int  # of those, accepted
+    num_sampled_tokens: int  # tokens the step generated (accepted drafts + one per
+    # sampling sequence), before stop checks
     num_outputs: int  # request outputs the step produced
     step_time_s: float  # schedule + execute + update, wall clock
     execute_time_s: float  # the executor's share of it, wall clock
@@ -42,6 +44,12 @@ class StepTotals:
     step_time_s: float
     execute_time_s: float
     recent: list[StepStats]  # oldest first, at most `history` of them
+
+    @property
+    def recent_goodput(self) -> float:
+        """Generated tokens per second of wall time over the recent steps (0 if none)."""
+        seconds = sum(s.step_time_s for s in self.recent)
+        return sum(s.num_sampled_tokens for s in self.recent) / seconds if seconds > 0 else 0.0
 
 
 class StepStatsRecorder:

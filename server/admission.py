@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tandem.server.errors import APIError
 
 if TYPE_CHECKING:
-    from tandem.scheduler.loop import EngineLoop
+    from tandem.scheduler.loop import ServingLoop
     from tandem.server.metrics import ServerMetrics
 
 PUBLIC_PATHS = frozenset({"/health", "/metrics"})  # no API key needed
@@ -64,7 +64,7 @@ class ServerState:
 class Admission:
     """Capacity check before any engine request is submitted."""
 
-    def __init__(self, loop: EngineLoop, retry_after_s: int = 1) -> None:
+    def __init__(self, loop: ServingLoop, retry_after_s: int = 1) -> None:
         self.loop = loop
         self.retry_after_s = retry_after_s  # the Retry-After a 429 suggests
 

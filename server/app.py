@@ -38,10 +38,11 @@ from tandem.server.protocol import (
 from tandem.server.serving import ClientDisconnected, ServingContext, as_api_error, check_model
 from tandem.server.serving_chat import chat_prompt_ids, create_chat_completion
 from tandem.server.serving_completions import create_completion
+from tandem.server.stats_logger import StatsReporter
 from tandem.server.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
-    from tandem.scheduler.loop import EngineLoop
+    from tandem.scheduler.loop import ServingLoop
 
 logger = logging.getLogger("tandem.server")
 ROUTES = (
@@ -62,7 +63,7 @@ CLIENT_CLOSED = 499
 class ServingEngine:
     """A loaded engine, as the server needs it."""
 
-    loop: EngineLoop  # not started yet: the app starts it on its event loop
+    loop: ServingLoop  # not started yet: the app starts it on its event loop
     tokenizer: Tokenizer
     max_model_len: int  # prompt + output tokens per request
 
@@ -88,17 +89,19 @@ def build_app(
     """The app. `start_engine` loads the engine (called in a worker thread; the app
     starts its loop); `on_fatal` is called when that fails (the CLI stops the server)."""
     state = ServerState()
-    metrics = ServerMetrics(lambda: _loop_counts(deps))
-    deps = AppDeps(config, model_name, state, metrics, int(time.time()))
+    deps = AppDeps(config, model_name, state, ServerMetrics(model_name), int(time.time()))
+    log_interval = None if config.disable_log_stats else config.log_stats_interval
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loader = asyncio.create_task(_load(deps, start_engine, on_fatal))
+        reporter = asyncio.create_task(StatsReporter(deps.metrics, log_interval).run())
         try:
             yield
         finally:
-            loader.cancel()
-            await asyncio.gather(loader, return_exceptions=True)
+            for task in (loader, reporter):
+                task.cancel()
+            await asyncio.gather(loader, reporter, return_exceptions=True)
             await asyncio.to_thread(stop_engine, deps, config.shutdown_timeout)
 
     app = FastAPI(title="Tandem", lifespan=lifespan, openapi_url=None)
@@ -147,7 +150,9 @@ async def _load(
         Admission(engine.loop),
         deps.metrics,
         deps.state,
+        log_requests=not deps.config.disable_log_requests,
     )
+    deps.metrics.attach(engine.loop)
     deps.state.engine_alive = lambda: engine.loop.alive
     if deps.state.phase == Phase.STARTING:
         deps.state.phase = Phase.READY
@@ -174,12 +179,6 @@ async def drain(app: FastAPI, timeout: float) -> bool:
     if not done:
         logger.warning("shutdown timeout: aborting %d requests", deps.state.in_flight)
     return done
-
-
-def _loop_counts(deps: AppDeps) -> tuple[int, int] | None:
-    if deps.ctx is None:
-        return None
-    return deps.ctx.loop.num_running, deps.ctx.loop.num_waiting
 
 
 def _install_engine_handlers(app: FastAPI) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import logging
+import functools
 import os
 import signal
 import sys
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, NoReturn
 import uvicorn
 
 from tandem.engine.config import EngineConfig
+from tandem.engine.spec_config import SpeculativeConfig
 from tandem.scheduler.config import SchedulerConfig
 from tandem.server.config import ServerConfig
 from tandem.server.flags import ConfigError, add_config_flags, build_config
@@ -35,6 +36,8 @@ ENV_API_KEY = "TANDEM_API_KEY"
 ALIASES: dict[str, list[str]] = {
     "kv_cache_memory": ["--kv-cache-memory-bytes"],
     "log_level": ["--uvicorn-log-level"],
+    "prompt_lookup_min": ["--ngram-prompt-lookup-min"],
+    "prompt_lookup_max": ["--ngram-prompt-lookup-max"],
 }
 # Seconds uvicorn waits for connections after the drain (responses then finish fast:
 # the engine is stopped, so what still runs ends aborted).
@@ -67,6 +70,15 @@ def make_parser() -> argparse.ArgumentParser:
     add_config_flags(serve, ServerConfig, ALIASES)
     add_config_flags(serve, EngineConfig, ALIASES)
     add_config_flags(serve, SchedulerConfig, ALIASES)
+    add_config_flags(serve, SpeculativeConfig, ALIASES)
+    serve.add_argument(
+        "--speculative-config",
+        dest="speculative_config",
+        metavar="JSON",
+        default=None,
+        help='vLLM\'s form: \'{"method": "draft_model"|"ngram", "model": DIR, '
+        '"num_speculative_tokens": K}\'; the flags above override its keys',
+    )
     return parser
 
 
@@ -90,6 +102,20 @@ def parse_configs(
     return server, engine, scheduler
 
 
+def parse_speculative_config(argv: Sequence[str]) -> SpeculativeConfig:
+    """The speculative decoding config from `serve` arguments: its flags, over vLLM's
+    --speculative-config JSON when given. Raises ConfigError naming a flag."""
+    args = make_parser().parse_args(["serve", *argv])
+    if args.speculative_config is None:
+        return build_config(SpeculativeConfig, args)
+    names = [f.name for f in dataclasses.fields(SpeculativeConfig)]
+    given = {n: getattr(args, n) for n in names if hasattr(args, n)}
+    try:
+        return SpeculativeConfig.from_vllm_json(args.speculative_config, **given)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError("--speculative-config", str(exc)) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = make_parser()
@@ -98,13 +124,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         server_cfg, engine_cfg, sched_cfg = parse_configs(argv[1:])
+        spec_cfg = parse_speculative_config(argv[1:])
+        if spec_cfg.uses_draft_model and spec_cfg.speculative_model is None and engine_cfg.model:
+            raise ConfigError(
+                "--speculative-model",
+                "the draft method needs a draft model directory for a model other than the "
+                "built-in one (the built-in draft pairs only with the built-in target)",
+            )
     except ConfigError as exc:
         print(f"tandem serve: error: {exc}", file=sys.stderr)
         return 2
     # Before torch loads: idle OpenMP workers sleep instead of spinning on the cores
     # the event loop needs.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    return serve(server_cfg, serving_threads(engine_cfg, os.cpu_count() or 1), sched_cfg)
+    engine_cfg = serving_threads(engine_cfg, os.cpu_count() or 1)
+    return serve(server_cfg, engine_cfg, sched_cfg, spec_cfg)
 
 
 def serving_threads(engine_cfg: EngineConfig, num_cpus: int) -> EngineConfig:
@@ -115,15 +149,18 @@ def serving_threads(engine_cfg: EngineConfig, num_cpus: int) -> EngineConfig:
     return dataclasses.replace(engine_cfg, num_threads=max(1, num_cpus - 1))
 
 
-def serve(server_cfg: ServerConfig, engine_cfg: EngineConfig, sched_cfg: SchedulerConfig) -> int:
+def serve(
+    server_cfg: ServerConfig,
+    engine_cfg: EngineConfig,
+    sched_cfg: SchedulerConfig,
+    spec_cfg: SpeculativeConfig | None = None,
+) -> int:
     """Run the HTTP server until SIGTERM/SIGINT; 0 after a clean drain."""
     from tandem.server.app import build_app
     from tandem.server.build import default_model_name
+    from tandem.server.logs import configure_logging
 
-    logging.basicConfig(
-        level=server_cfg.log_level.upper() if server_cfg.log_level != "trace" else "DEBUG",
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(server_cfg.log_level, server_cfg.log_format)
     server: DrainingServer | None = None
     failed = False
 
@@ -134,7 +171,7 @@ def serve(server_cfg: ServerConfig, engine_cfg: EngineConfig, sched_cfg: Schedul
             server.should_exit = True
 
     model_name = server_cfg.served_model_name or default_model_name(engine_cfg)
-    starter = _engine_starter(server_cfg, engine_cfg, sched_cfg)
+    starter = _engine_starter(server_cfg, engine_cfg, sched_cfg, spec_cfg)
     app = build_app(server_cfg, starter, model_name, on_fatal)
     config = uvicorn.Config(
         app,
@@ -143,6 +180,8 @@ def serve(server_cfg: ServerConfig, engine_cfg: EngineConfig, sched_cfg: Schedul
         log_level=server_cfg.log_level,
         timeout_graceful_shutdown=int(CLOSE_GRACE_S),
         access_log=server_cfg.log_level in ("debug", "trace"),
+        # json: no uvicorn handlers, so its records reach the root JSON handler
+        **({"log_config": None} if server_cfg.log_format == "json" else {}),
     )
     server = DrainingServer(config, lambda: _drain(app, server_cfg.shutdown_timeout))
     server.run()
@@ -150,14 +189,28 @@ def serve(server_cfg: ServerConfig, engine_cfg: EngineConfig, sched_cfg: Schedul
 
 
 def _engine_starter(
-    server_cfg: ServerConfig, engine_cfg: EngineConfig, sched_cfg: SchedulerConfig
+    server_cfg: ServerConfig,
+    engine_cfg: EngineConfig,
+    sched_cfg: SchedulerConfig,
+    spec_cfg: SpeculativeConfig | None = None,
 ) -> Callable[[], ServingEngine]:
     def start() -> ServingEngine:  # runs in a worker thread: loads the model
         from tandem.scheduler.loop import EngineLoop
         from tandem.server.app import ServingEngine
-        from tandem.server.build import build_engine
+        from tandem.server.build import build_engine, launch_engine_process
+        from tandem.server.logs import configure_logging
+        from tandem.server.metrics_engine import STEP_HISTORY
 
-        built = build_engine(engine_cfg, sched_cfg, server_cfg.chat_template)
+        template = server_cfg.chat_template
+        if server_cfg.engine_process:
+            log_setup = functools.partial(
+                configure_logging, server_cfg.log_level, server_cfg.log_format
+            )
+            engine = launch_engine_process(
+                engine_cfg, sched_cfg, template, STEP_HISTORY, spec_cfg, log_setup=log_setup
+            )
+            return ServingEngine(engine.loop, engine.tokenizer, engine.kv.max_model_len)
+        built = build_engine(engine_cfg, sched_cfg, template, STEP_HISTORY, spec_cfg)
         return ServingEngine(EngineLoop(built.core), built.tokenizer, built.kv.max_model_len)
 
     return start

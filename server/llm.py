@@ -19,6 +19,7 @@ from typing import Any
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.plan import SamplingParams, TokenLogprobs
+from tandem.engine.spec_config import SpeculativeConfig
 from tandem.scheduler.config import SchedulerConfig
 from tandem.scheduler.request import GenerateRequest
 from tandem.server.build import build_engine
@@ -60,13 +61,17 @@ class _Choice:
 
 
 class LLM:
-    """Offline generation. Keyword arguments are `EngineConfig` and `SchedulerConfig`
-    fields (e.g. `dtype="float32"`, `max_num_batched_tokens=512`)."""
+    """Offline generation. Keyword arguments are `EngineConfig`, `SchedulerConfig` and
+    `SpeculativeConfig` fields (e.g. `dtype="float32"`, `max_num_batched_tokens=512`,
+    `speculative_method="ngram"`)."""
 
     def __init__(self, model: str | None = None, chat_template: str | None = None, **kwargs):
-        engine_kw, sched_kw = _split_kwargs(kwargs)
+        engine_kw, sched_kw, spec_kw = _split_kwargs(kwargs)
         self.engine = build_engine(
-            EngineConfig(model=model, **engine_kw), SchedulerConfig(**sched_kw), chat_template
+            EngineConfig(model=model, **engine_kw),
+            SchedulerConfig(**sched_kw),
+            chat_template,
+            spec=SpeculativeConfig(**spec_kw) if spec_kw else None,
         )
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
@@ -148,15 +153,19 @@ class LLM:
                     core.abort_request(out.request_id)
 
 
-def _split_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _split_kwargs(
+    kwargs: dict[str, Any],
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     engine_fields = {f.name for f in dataclasses.fields(EngineConfig)}
     sched_fields = {f.name for f in dataclasses.fields(SchedulerConfig)}
-    unknown = set(kwargs) - engine_fields - sched_fields
+    spec_fields = {f.name for f in dataclasses.fields(SpeculativeConfig)}
+    unknown = set(kwargs) - engine_fields - sched_fields - spec_fields
     if unknown:
         raise TypeError(f"LLM() got unknown arguments: {', '.join(sorted(unknown))}")
     return (
         {k: v for k, v in kwargs.items() if k in engine_fields},
         {k: v for k, v in kwargs.items() if k in sched_fields},
+        {k: v for k, v in kwargs.items() if k in spec_fields},
     )
 
 

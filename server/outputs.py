@@ -8,6 +8,7 @@ check over at most the longest stop string.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -15,11 +16,12 @@ from typing import TYPE_CHECKING
 
 from tandem.engine.plan import TokenLogprobs
 from tandem.scheduler.request import GenerateRequest, RequestOutput
+from tandem.server.request_stats import RequestTimes
 from tandem.server.stops import StopMatcher
 from tandem.server.tokenizer import IncrementalDetokenizer, Tokenizer
 
 if TYPE_CHECKING:
-    from tandem.scheduler.loop import EngineLoop
+    from tandem.scheduler.loop import ServingLoop
 
 
 class EngineFailure(RuntimeError):
@@ -54,18 +56,25 @@ class ChoiceDecoder:
     finish_reason: str | None = None  # set once the choice is complete
     num_output_tokens: int = 0  # tokens the engine generated for this choice
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
+    num_draft_tokens: int = 0  # speculative drafts verified for this choice
+    num_accepted_draft_tokens: int = 0  # of those, accepted
+    usage_detail: bool = False  # the request asked for usage["speculation"]
     detok: IncrementalDetokenizer = field(init=False, repr=False)  # this choice's text
+    times: RequestTimes = field(init=False, repr=False)  # when its outputs arrived
+    recorded: bool = False  # its metrics and log line are done
 
     def __post_init__(self) -> None:
         self.detok = self.tokenizer.detokenizer(
             self.request.prompt_token_ids, self.skip_special_tokens
         )
+        self.times = RequestTimes(arrival=self.request.arrival_time)
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
     def update(self, out: RequestOutput) -> ChoiceDelta:
+        self.times.record(out, time.monotonic())
         if out.error is not None:
             raise EngineFailure(f"request {out.request_id} failed: {out.error}")
         if out.finished and out.finish_reason == "abort":
@@ -73,6 +82,8 @@ class ChoiceDecoder:
         ids = out.new_token_ids
         self.num_output_tokens += len(ids)
         self.num_cached_tokens = out.num_cached_tokens
+        self.num_draft_tokens = out.num_draft_tokens
+        self.num_accepted_draft_tokens = out.num_accepted_draft_tokens
         logprobs = out.new_logprobs
         if out.stop_token_id is not None and ids and ids[-1] == out.stop_token_id:
             ids = ids[:-1]
@@ -89,7 +100,7 @@ class ChoiceDecoder:
         return ChoiceDelta(text, ids, logprobs, out.prompt_logprobs, self.finish_reason)
 
 
-async def _single(loop: EngineLoop, choice: ChoiceDecoder) -> AsyncIterator[ChoiceDelta]:
+async def _single(loop: ServingLoop, choice: ChoiceDecoder) -> AsyncIterator[ChoiceDelta]:
     """One choice's deltas; leaving early (stop string, disconnect) aborts the request."""
     async with aclosing(loop.generate(choice.request)) as outputs:
         async for out in outputs:
@@ -100,7 +111,7 @@ async def _single(loop: EngineLoop, choice: ChoiceDecoder) -> AsyncIterator[Choi
 
 
 async def choice_deltas(
-    loop: EngineLoop, choices: list[ChoiceDecoder], min_shared_prompt: int | None = None
+    loop: ServingLoop, choices: list[ChoiceDecoder], min_shared_prompt: int | None = None
 ) -> AsyncIterator[tuple[ChoiceDecoder, ChoiceDelta]]:
     """The deltas of all choices, interleaved as they arrive.
 

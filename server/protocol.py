@@ -26,6 +26,20 @@ class StreamOptions(BaseModel):
     include_usage: bool = False  # send a last chunk with `usage` and empty `choices`
 
 
+class SpeculationOptions(BaseModel):
+    """Per-request speculative decoding control (a Tandem extension):
+    `{"max_k": N}` caps the drafts this request may get per step (0 = none) below the
+    server's --num-speculative-tokens; `{"mode": "off"}` turns speculation off for it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["auto", "off"] = "auto"  # auto: the server's policy decides k
+    max_k: int | None = Field(None, ge=0)  # cap on k per step; None = the server's K
+
+    def max_draft_tokens(self) -> int | None:
+        return 0 if self.mode == "off" else self.max_k
+
+
 class SamplingFields(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -52,6 +66,11 @@ class SamplingFields(BaseModel):
     user: str | None = None  # accepted, unused
     stream: bool = False
     stream_options: StreamOptions | None = None
+    speculation: SpeculationOptions | None = None  # per-request speculation control
+    usage_detail: bool = False  # usage gets "speculation": drafts verified and accepted
+
+    def max_draft_tokens(self) -> int | None:
+        return None if self.speculation is None else self.speculation.max_draft_tokens()
 
     @field_validator("stop")
     @classmethod

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from tandem.engine.plan import TokenLogprobs
@@ -37,6 +38,21 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
         "total_tokens": prompt_tokens + completion_tokens,
         "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
+
+
+def add_speculation_usage(u: dict[str, Any], choices: Sequence[Any]) -> dict[str, Any]:
+    """usage["speculation"] when the request asked for `usage_detail`: the drafts
+    verified for it over all its choices (`ChoiceDecoder`s), those accepted, and their
+    ratio (0 with no drafts). Returns u."""
+    if choices and choices[0].usage_detail:
+        drafts = sum(c.num_draft_tokens for c in choices)
+        accepted = sum(c.num_accepted_draft_tokens for c in choices)
+        u["speculation"] = {
+            "draft_tokens": drafts,
+            "accepted_tokens": accepted,
+            "acceptance_rate": accepted / drafts if drafts else 0.0,
+        }
+    return u
 
 
 def envelope(obj_type: str, response_id: str, created: int, model: str) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from tandem.scheduler.request import GenerateRequest
 from tandem.scheduler.scheduler import QueueFullError
 from tandem.server.admission import Admission, Phase, ServerState
 from tandem.server.errors import APIError, bad_request
+from tandem.server.logs import log_request
 from tandem.server.metrics import ServerMetrics
 from tandem.server.outputs import ChoiceDecoder, EngineFailure, RequestAborted
 from tandem.server.protocol import (
@@ -36,7 +37,7 @@ from tandem.server.stops import StopMatcher
 from tandem.server.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
-    from tandem.scheduler.loop import EngineLoop
+    from tandem.scheduler.loop import ServingLoop
 
 logger = logging.getLogger("tandem.server")
 T = TypeVar("T")
@@ -46,13 +47,14 @@ T = TypeVar("T")
 class ServingContext:
     """What every endpoint needs; one per running server."""
 
-    loop: EngineLoop  # runs engine steps off the event loop
+    loop: ServingLoop  # runs engine steps off the event loop
     tokenizer: Tokenizer
     model_name: str  # the served model name; requests naming another get a 404
     max_model_len: int  # prompt + output tokens per request
     admission: Admission
     metrics: ServerMetrics
     state: ServerState  # the server's phase (a drain turns aborts into 503s)
+    log_requests: bool = True  # one INFO line per engine request that ends
 
     @property
     def stopping(self) -> bool:
@@ -62,8 +64,8 @@ class ServingContext:
     def min_shared_prompt(self) -> int | None:
         """Prompts this long share their KV across `n` choices (one full block), or
         None when prefix caching is off."""
-        core = self.loop.core
-        return core.kv.block_size if core.config.enable_prefix_caching else None
+        loop = self.loop
+        return loop.kv.block_size if loop.config.enable_prefix_caching else None
 
 
 class ClientDisconnected(Exception):
@@ -176,13 +178,19 @@ def fan_out(
     for i in range(req.n):
         seed = None if req.seed is None else req.seed + i
         p = params if i == 0 else dataclasses.replace(params, seed=seed)
-        engine_req = GenerateRequest(f"{base_id}-{first_index + i}", list(prompt_ids), p, now)
-        stops = StopMatcher(req.stop_strings(), req.include_stop_str_in_output)
-        choices.append(
-            ChoiceDecoder(
-                first_index + i, engine_req, ctx.tokenizer, stops, req.skip_special_tokens
-            )
+        engine_req = GenerateRequest(
+            f"{base_id}-{first_index + i}",
+            list(prompt_ids),
+            p,
+            now,
+            max_draft_tokens=req.max_draft_tokens(),
         )
+        stops = StopMatcher(req.stop_strings(), req.include_stop_str_in_output)
+        choice = ChoiceDecoder(
+            first_index + i, engine_req, ctx.tokenizer, stops, req.skip_special_tokens
+        )
+        choice.usage_detail = req.usage_detail
+        choices.append(choice)
     return choices
 
 
@@ -248,7 +256,30 @@ def precheck(ctx: ServingContext, choices: list[ChoiceDecoder]) -> None:
         raise APIError(503, "the engine is not running; see the server log")
     for c in choices:
         try:
-            ctx.loop.core.check_request(c.request)
+            ctx.loop.check_request(c.request)
         except ValueError as exc:
             raise bad_request(str(exc), param="prompt") from None
     ctx.admission.admit()
+
+
+def finish_choices(ctx: ServingContext, choices: list[ChoiceDecoder]) -> None:
+    """Metrics and the log line of each choice, once, when its HTTP request is over
+    (finished, failed, or its client gone: unfinished choices count as "abort")."""
+    now = time.monotonic()
+    for c in choices:
+        if c.recorded:
+            continue
+        c.recorded = True
+        c.times.end(now)
+        reason = c.finish_reason or "abort"
+        num_prompt = len(c.request.prompt_token_ids)
+        ctx.metrics.observe_request(c.times, num_prompt, c.num_output_tokens, reason)
+        if ctx.log_requests:
+            log_request(
+                c.request.request_id,
+                c.times,
+                num_prompt,
+                c.num_output_tokens,
+                reason,
+                c.num_cached_tokens,
+            )

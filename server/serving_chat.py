@@ -11,7 +11,14 @@ from fastapi.responses import JSONResponse, Response
 from tandem.server.errors import bad_request
 from tandem.server.outputs import ChoiceDecoder, ChoiceDelta, choice_deltas
 from tandem.server.protocol import ChatCompletionRequest, ChatMessage
-from tandem.server.responses import SSE_DONE, chat_logprobs_content, envelope, sse, usage
+from tandem.server.responses import (
+    SSE_DONE,
+    add_speculation_usage,
+    chat_logprobs_content,
+    envelope,
+    sse,
+    usage,
+)
 from tandem.server.serving import (
     ServingContext,
     SSEResponse,
@@ -20,6 +27,7 @@ from tandem.server.serving import (
     created_now,
     error_event,
     fan_out,
+    finish_choices,
     new_id,
     precheck,
     resolve_max_tokens,
@@ -109,17 +117,20 @@ async def _collect(
     lps: dict[int, list[dict[str, Any]] | None],
     num_top: int,
 ) -> None:
-    async for choice, delta in choice_deltas(ctx.loop, choices, ctx.min_shared_prompt):
-        parts[choice.index].append(delta.text)
-        items = lps[choice.index]
-        if items is not None and delta.logprobs:
-            items.extend(chat_logprobs_content(ctx.tokenizer, delta.logprobs, num_top))
-    ctx.metrics.count_finished(choices)
+    try:
+        async for choice, delta in choice_deltas(ctx.loop, choices, ctx.min_shared_prompt):
+            parts[choice.index].append(delta.text)
+            items = lps[choice.index]
+            if items is not None and delta.logprobs:
+                items.extend(chat_logprobs_content(ctx.tokenizer, delta.logprobs, num_top))
+    finally:
+        finish_choices(ctx, choices)
 
 
 def _usage(choices: list[ChoiceDecoder], num_prompt_tokens: int) -> dict[str, Any]:
     cached = max((c.num_cached_tokens for c in choices), default=0)
-    return usage(num_prompt_tokens, sum(c.num_output_tokens for c in choices), cached)
+    u = usage(num_prompt_tokens, sum(c.num_output_tokens for c in choices), cached)
+    return add_speculation_usage(u, choices)
 
 
 def _chunk(head: dict[str, Any], index: int, delta: dict[str, Any], **extra: Any) -> bytes:
@@ -150,16 +161,18 @@ async def _stream(
     num_top: int,
     include_usage: bool,
 ) -> AsyncIterator[bytes]:
-    for c in choices:  # the first chunk of each choice carries the role
-        yield _chunk(head, c.index, {"role": "assistant", "content": ""})
     try:
+        for c in choices:  # the first chunk of each choice carries the role
+            yield _chunk(head, c.index, {"role": "assistant", "content": ""})
         async for choice, delta in choice_deltas(ctx.loop, choices, ctx.min_shared_prompt):
             chunk = _delta_chunk(ctx, head, choice, delta, num_top)
             if chunk is not None:
                 yield chunk
-        ctx.metrics.count_finished(choices)
+        finish_choices(ctx, choices)
         if include_usage:
             yield sse(head | {"choices": [], "usage": _usage(choices, num_prompt_tokens)})
     except Exception as exc:
         yield error_event(ctx, exc)
+    finally:
+        finish_choices(ctx, choices)  # a failure or a disconnect: the rest are aborts
     yield SSE_DONE

@@ -15,6 +15,7 @@ from tandem.server.protocol import CompletionRequest, check_token_ids
 from tandem.server.responses import (
     SSE_DONE,
     CompletionLogprobs,
+    add_speculation_usage,
     envelope,
     merge_completion_logprobs,
     sse,
@@ -28,6 +29,7 @@ from tandem.server.serving import (
     created_now,
     error_event,
     fan_out,
+    finish_choices,
     new_id,
     precheck,
     resolve_max_tokens,
@@ -127,13 +129,15 @@ def _delta_text(choice: ChoiceText, delta: ChoiceDelta) -> tuple[str, dict[str, 
 async def _collect(
     ctx: ServingContext, choices: list[ChoiceDecoder], texts: dict[int, ChoiceText]
 ) -> None:
-    async for choice, delta in choice_deltas(ctx.loop, choices, ctx.min_shared_prompt):
-        t = texts[choice.index]
-        text, logprobs = _delta_text(t, delta)
-        t.text.append(text)
-        if logprobs is not None:
-            t.logprob_parts.append(logprobs)
-    ctx.metrics.count_finished(choices)
+    try:
+        async for choice, delta in choice_deltas(ctx.loop, choices, ctx.min_shared_prompt):
+            t = texts[choice.index]
+            text, logprobs = _delta_text(t, delta)
+            t.text.append(text)
+            if logprobs is not None:
+                t.logprob_parts.append(logprobs)
+    finally:
+        finish_choices(ctx, choices)
 
 
 def _final_choice(choice: ChoiceDecoder, t: ChoiceText) -> dict[str, Any]:
@@ -150,7 +154,8 @@ def _usage(choices: list[ChoiceDecoder], num_prompt_tokens: int, n: int) -> dict
     cached: dict[int, int] = {}
     for c in choices:
         cached[c.index // n] = max(cached.get(c.index // n, 0), c.num_cached_tokens)
-    return usage(num_prompt_tokens, sum(c.num_output_tokens for c in choices), sum(cached.values()))
+    u = usage(num_prompt_tokens, sum(c.num_output_tokens for c in choices), sum(cached.values()))
+    return add_speculation_usage(u, choices)
 
 
 async def _stream(
@@ -172,9 +177,11 @@ async def _stream(
             item["finish_reason"] = delta.finish_reason
             chunk["choices"] = [item]
             yield sse(chunk)
-        ctx.metrics.count_finished(choices)
+        finish_choices(ctx, choices)
         if usage_n is not None:
             yield sse(head | {"choices": [], "usage": _usage(choices, num_prompt_tokens, usage_n)})
     except Exception as exc:
         yield error_event(ctx, exc)
+    finally:
+        finish_choices(ctx, choices)  # a failure or a disconnect: the rest are aborts
     yield SSE_DONE

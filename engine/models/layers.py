@@ -191,18 +191,20 @@ class ParallelLMHead(VocabParallelEmbedding):
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm over the last dim, replicated on every rank."""
+    """RMSNorm over the last dim, replicated on every rank. `kernels`: the op module
+    (torch_ref or a fused one, see tandem.kernels.registry.kernel_ops)."""
 
-    def __init__(self, hidden: int, eps: float, dtype, device):
+    def __init__(self, hidden: int, eps: float, dtype, device, kernels=ops):
         super().__init__()
         self.eps = eps
         self.weight = _param((hidden,), dtype, device, default_weight_loader)
+        self.kernels = kernels
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """x (..., H) -> normed; with residual: (norm(x + residual), x + residual)."""
         if residual is None:
-            return ops.rms_norm(x, self.weight, self.eps)
-        return ops.rms_norm_residual(x, residual, self.weight, self.eps)
+            return self.kernels.rms_norm(x, self.weight, self.eps)
+        return self.kernels.rms_norm_residual(x, residual, self.weight, self.eps)
 
 
 ROPE_TYPES = ("default", "linear", "llama3", "dynamic")

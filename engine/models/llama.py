@@ -33,7 +33,7 @@ from tandem.engine.models.layers import (
     VocabParallelEmbedding,
 )
 from tandem.engine.models.registry import ModelLoadError
-from tandem.kernels import torch_ref as ops
+from tandem.kernels.registry import kernel_ops
 from tandem.kernels.types import AttentionBackend, AttnMetadata
 
 logger = logging.getLogger(__name__)
@@ -149,9 +149,10 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(
             a.num_heads * a.head_dim, a.hidden_size, a.o_bias, dtype, device, tp
         )
+        self.kernels = kernels = kernel_ops(backend)
         if a.qk_norm:
-            self.q_norm = RMSNorm(a.head_dim, a.rms_norm_eps, dtype, device)
-            self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps, dtype, device)
+            self.q_norm = RMSNorm(a.head_dim, a.rms_norm_eps, dtype, device, kernels)
+            self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps, dtype, device, kernels)
         self.qk_norm = a.qk_norm
         self.scale = a.head_dim**-0.5
         self.backend = backend
@@ -160,13 +161,12 @@ class LlamaAttention(nn.Module):
         """x (T, H), cos/sin (T, D/2) -> (T, H). Writes this step's K/V into kv_cache."""
         t, hq, hkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)
+        rotate = self.kernels.rotate_neox
         if self.qk_norm:
-            q = ops.rotate_neox(self.q_norm(qkv[:, : hq * d].view(t, hq, d)), cos, sin)
-            k = ops.rotate_neox(
-                self.k_norm(qkv[:, hq * d : (hq + hkv) * d].view(t, hkv, d)), cos, sin
-            )
+            q = rotate(self.q_norm(qkv[:, : hq * d].view(t, hq, d)), cos, sin)
+            k = rotate(self.k_norm(qkv[:, hq * d : (hq + hkv) * d].view(t, hkv, d)), cos, sin)
         else:  # q and k are adjacent in qkv: one rotary call for both
-            qk = ops.rotate_neox(qkv[:, : (hq + hkv) * d].view(t, hq + hkv, d), cos, sin)
+            qk = rotate(qkv[:, : (hq + hkv) * d].view(t, hq + hkv, d), cos, sin)
             q, k = qk[:, :hq], qk[:, hq:]
         v = qkv[:, (hq + hkv) * d :].view(t, hkv, d)
         self.backend.write_kv(k, v, kv_cache, meta)
@@ -175,8 +175,9 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, a: LlamaArgs, dtype, device, tp: TPInfo):
+    def __init__(self, a: LlamaArgs, dtype, device, tp: TPInfo, kernels):
         super().__init__()
+        self.kernels = kernels
         inter = a.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(
             a.hidden_size, [inter, inter], a.mlp_bias, dtype, device, tp
@@ -184,16 +185,19 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(inter, a.hidden_size, a.mlp_bias, dtype, device, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.kernels.silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, a: LlamaArgs, backend: AttentionBackend, dtype, device, tp: TPInfo):
         super().__init__()
-        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, dtype, device)
+        kernels = kernel_ops(backend)
+        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, dtype, device, kernels)
         self.self_attn = LlamaAttention(a, backend, dtype, device, tp)
-        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, dtype, device)
-        self.mlp = LlamaMLP(a, dtype, device, tp)
+        self.post_attention_layernorm = RMSNorm(
+            a.hidden_size, a.rms_norm_eps, dtype, device, kernels
+        )
+        self.mlp = LlamaMLP(a, dtype, device, tp, kernels)
 
     def forward(self, x, residual, cos, sin, kv_cache, meta):
         """(x, residual) (T, H) each -> (mlp output, residual before the mlp). The
@@ -218,7 +222,7 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(a, backend, dtype, device, tp) for _ in range(a.num_layers)
         )
-        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps, dtype, device)
+        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps, dtype, device, kernel_ops(backend))
 
     def forward(self, input_ids, positions, kv_caches, meta: AttnMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)

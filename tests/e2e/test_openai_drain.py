@@ -16,7 +16,7 @@ PROMPT = {"model": MODEL_NAME, "prompt": "ROMEO:", "ignore_eos": True}
 
 def _wait_running(server: TandemServer, n: int) -> None:
     deadline = time.monotonic() + 30
-    while server.metric("tandem_num_requests_running") < n:
+    while server.metric("tandem:num_requests_running") < n:
         assert time.monotonic() < deadline, "requests did not start"
         time.sleep(0.02)
 

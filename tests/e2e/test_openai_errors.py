@@ -172,9 +172,9 @@ def test_version_health_metrics(http):
     assert http.get("/version").json()["version"]
     assert http.get("/health").status_code == 200
     text = http.get("/metrics").text
-    for name in ("tandem_num_requests_running", "tandem_num_requests_waiting"):
-        assert f"\n{name} " in text
-    assert 'tandem_http_requests_total{route="/v1/completions",status="400"}' in text
+    for name in ("tandem:num_requests_running", "tandem:num_requests_waiting"):
+        assert f'\n{name}{{model_name="{MODEL_NAME}"}} ' in text
+    assert 'route="/v1/completions",status="400"}' in text
 
 
 def _wait_idle(server: TandemServer, within: float) -> float:
@@ -182,9 +182,9 @@ def _wait_idle(server: TandemServer, within: float) -> float:
     t0 = time.monotonic()
     while time.monotonic() - t0 < within:
         if (
-            server.metric("tandem_num_requests_running")
+            server.metric("tandem:num_requests_running")
             == 0
-            == server.metric("tandem_num_requests_waiting")
+            == server.metric("tandem:num_requests_waiting")
         ):
             return time.monotonic() - t0
         time.sleep(0.02)
@@ -193,7 +193,7 @@ def _wait_idle(server: TandemServer, within: float) -> float:
 
 def _wait_running(server: TandemServer) -> None:
     deadline = time.monotonic() + 20
-    while server.metric("tandem_num_requests_running") < 1:
+    while server.metric("tandem:num_requests_running") < 1:
         assert time.monotonic() < deadline
         time.sleep(0.02)
 
@@ -210,7 +210,7 @@ def test_disconnect_while_streaming_aborts(server):
         lines = r.iter_lines()
         for _ in range(3):
             next(lines)
-        assert server.metric("tandem_num_requests_running") == 1
+        assert server.metric("tandem:num_requests_running") == 1
     _wait_idle(server, within=1.0)
 
 
@@ -239,7 +239,7 @@ def test_health_and_metrics_answer_while_engine_is_busy(server):
     for _ in range(20):
         t0 = time.monotonic()
         assert httpx.get(server.base_url + "/health", timeout=5).status_code == 200
-        server.metric("tandem_num_requests_running")
+        server.metric("tandem:num_requests_running")
         worst = max(worst, time.monotonic() - t0)
     t.join()
     assert worst < 0.5, worst

@@ -10,6 +10,7 @@ from scheduler_fakes import FakeExecutor, greedy, make_core, reference_tokens
 
 from tandem.scheduler.loop import EngineDeadError, EngineLoop
 from tandem.scheduler.request import GenerateRequest, RequestOutput
+from tandem.scheduler.scheduler import QueueFullError
 
 
 async def collect(loop: EngineLoop, req: GenerateRequest) -> list[RequestOutput]:
@@ -33,7 +34,7 @@ def test_concurrent_generates_complete_and_outputs_come_once_per_step():
         loop = EngineLoop(core)
         dispatched: list[list[str]] = []
         nonempty_steps = 0
-        step, dispatch = core.step, loop._dispatch
+        step, dispatch = core.step, loop._front.dispatch
 
         def counting_step():
             nonlocal nonempty_steps
@@ -41,11 +42,11 @@ def test_concurrent_generates_complete_and_outputs_come_once_per_step():
             nonempty_steps += bool(outs)
             return outs
 
-        def counting_dispatch(outputs):
-            dispatched.append([o.request_id for o in outputs])
-            dispatch(outputs)
+        def counting_dispatch(step_outputs):
+            dispatched.append([o.request_id for o in step_outputs.outputs])
+            dispatch(step_outputs)
 
-        core.step, loop._dispatch = counting_step, counting_dispatch
+        core.step, loop._front.dispatch = counting_step, counting_dispatch
         loop.start()
         reqs = [
             GenerateRequest(f"r{i}", p, greedy(max_tokens=10)) for i, p in enumerate(prompts(8))
@@ -185,5 +186,68 @@ def test_shutdown_fails_in_flight_requests_once_and_stops_the_executor():
         await asyncio.wait_for(task, timeout=5)
         assert got[-1].finished and got[-1].error == "the engine loop was shut down"
         assert ex.shut_down and not loop.alive
+
+    asyncio.run(main())
+
+
+def test_num_waiting_counts_requests_being_handed_to_the_core():
+    """The engine thread takes the inbox, then adds each request to the core: while it
+    does, the requests must still count as waiting, or one too many gets admitted."""
+
+    async def main():
+        core, _ = make_core(FakeExecutor(step_delay_s=0.005), max_num_seqs=1, max_queued_requests=2)
+        add = core.add_request
+
+        def slow_add(req):
+            time.sleep(0.05)  # widen the window between taking the inbox and adding
+            add(req)
+
+        core.add_request = slow_add
+        loop = EngineLoop(core)
+        loop.start()
+
+        def submit(i: int) -> asyncio.Task:
+            return asyncio.create_task(
+                collect(loop, GenerateRequest(f"r{i}", [i + 1], greedy(200)))
+            )
+
+        tasks = [submit(0)]
+        await wait_until(lambda: core.num_running == 1)
+        tasks += [submit(1), submit(2)]
+        await asyncio.sleep(0.01)  # the engine thread has taken them: adding, slowly
+        seen = set()
+        for _ in range(40):  # r1 and r2 in transit or queued: always exactly 2
+            seen.add(loop.num_waiting)
+            await asyncio.sleep(0.003)
+        assert seen == {2} and not loop.can_admit()
+        with pytest.raises(QueueFullError, match="max_queued_requests=2"):
+            await collect(loop, GenerateRequest("r3", [4], greedy()))
+        results = await asyncio.gather(*tasks)
+        assert all(outs[-1].finish_reason == "length" for outs in results)
+        loop.shutdown(timeout=5)
+
+    asyncio.run(main())
+
+
+def test_refusals_by_the_core_raise_typed_errors():
+    async def main():
+        core, _ = make_core()
+        add = core.add_request
+
+        def refusing_add(req):
+            if req.request_id == "full":  # the queue filled up behind the loop's back
+                raise QueueFullError("2 requests are waiting already")
+            add(req)
+
+        core.add_request = refusing_add
+        loop = EngineLoop(core)
+        loop.start()
+        with pytest.raises(QueueFullError, match="waiting already"):
+            await collect(loop, GenerateRequest("full", [1, 2], greedy()))
+        outs = await collect(loop, GenerateRequest("ok", [1, 2], greedy(max_tokens=3)))
+        assert outs[-1].finished and loop.num_waiting == 0
+        stats = loop.stats()
+        assert stats.steps.num_steps > 0 and loop.kv is core.kv and loop.config is core.config
+        loop.shutdown(timeout=5)
 
     asyncio.run(main())

@@ -25,7 +25,7 @@ async def echo_app(scope, receive, send):
 
 
 def gate(state: ServerState, api_key: str | None = None, limit: int = 100) -> Gatekeeper:
-    metrics = ServerMetrics(lambda: None)
+    metrics = ServerMetrics("test")
     return Gatekeeper(echo_app, state, api_key, limit, metrics, lambda path: path)
 
 
@@ -101,7 +101,7 @@ def test_in_flight_count_and_drain_wait():
             await release.wait()
             await echo_app(scope, receive, send)
 
-        app = Gatekeeper(slow_app, state, None, 100, ServerMetrics(lambda: None), str)
+        app = Gatekeeper(slow_app, state, None, 100, ServerMetrics("test"), str)
         request = asyncio.ensure_future(post(app, "/v1/completions"))
         await asyncio.sleep(0.05)
         assert state.in_flight == 1

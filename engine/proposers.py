@@ -1,0 +1,176 @@
+"""The draft-model proposer: a small model that shares the target's KV block ids.
+
+In a step where some sequence has k >= 1, for the plan's sequences in order:
+
+1. one catch-up forward of the draft over every token the target computes this step
+   (prefill chunks, decode tokens) plus every confirmed token the draft still lacks
+   (the last draft of a window whose drafts were all accepted; tokens of steps in
+   which the draft did not run), for every sequence of the plan, those with k = 0
+   too, so any of them can start speculating at the next step;
+2. from that forward's last row, each sampling sequence's first draft (k >= 1) or, for
+   k = 0, its probe: the draft the sequence would have got, which the worker compares
+   with the token the target samples (acceptance statistics while not speculating);
+3. k - 1 more one-token forwards for the sequences with k >= 2.
+
+In a step where no sequence speculates the draft does not run at all: at high load
+the controller turns speculation off, and keeping the draft's KV current would cost
+the step the draft's whole forward (13% of a batch-64 step on a 2-core CPU). Its KV
+then falls behind and the next speculating step catches it up, in one forward. A new
+sequence catches up from position 0, also over a prefix-cache hit: the cached blocks'
+draft KV may never have been written (their owner never speculated), and rewriting
+it is cheap (the draft's cost per token is a fraction of the target's) and harmless
+(a position's K/V depend only on the tokens up to it, so a shared block gets the
+same values again).
+
+Drafts are sampled like the target's tokens, with the same parameters and the same
+per-(seed, output position) noise (`SeqState.sample_row`), so for greedy rows the draft
+proposes its argmax and for sampled rows the draft and target draws are coupled.
+
+Example, k = 2, target tokens [.. a b] of which the draft has KV up to a, plan token c
+at position 9: the catch-up forward runs [b, c] at positions 8, 9 and samples d1 from
+c's row; the next forward runs [d1] at position 10 and samples d2. The draft's KV then
+holds positions 0..10; the next plan's start_pos cuts that to what was accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from tandem.engine.config import EngineConfig
+from tandem.engine.model_input import RunSeq, build_model_input
+from tandem.engine.model_runner import ModelRunner
+from tandem.engine.plan import SeqPlan, StepPlan
+from tandem.engine.sampler import Sampler, SampleRow, SamplingMetadata
+from tandem.engine.seq_state import SeqState
+
+
+def draft_model_dir(speculative_model: str | None, target_model: str | None) -> str:
+    """The draft model to load: the one named, else the built-in draft when the target
+    is the built-in model. Raises ValueError when neither applies."""
+    if speculative_model is not None:
+        return speculative_model
+    if target_model is None:
+        from tandem.engine.builtin import BUILTIN_DRAFT
+
+        return str(BUILTIN_DRAFT)
+    raise ValueError(
+        "speculative_method 'draft' needs speculative_model (a draft model directory "
+        "sharing the target's tokenizer); the built-in draft pairs only with the built-in target"
+    )
+
+
+@dataclass(slots=True)
+class Proposals:
+    """What the proposer produced for one step, one entry per plan sequence."""
+
+    drafts: list[list[int]]  # k draft tokens per sequence (empty when k = 0)
+    probes: list[int | None]  # k = 0 sampling sequences: the draft the sequence would
+    # have got; None elsewhere
+
+
+class DraftModelProposer:
+    """Runs the draft model: its own weights and KV tensors, the target's block ids."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        draft_model: str,
+        draft_dtype: str,
+        num_blocks: int,
+        max_model_len: int,
+        vocab_size: int,
+        eos_token_ids: tuple[int, ...],
+    ) -> None:
+        """config: the target's; the draft gets its device, block size and seed.
+        draft_dtype: see SpeculativeConfig.speculative_dtype. num_blocks, max_model_len,
+        vocab_size, eos_token_ids: the target's (the first three are checked against
+        the draft)."""
+        if draft_dtype == "auto":
+            draft_dtype = config.dtype
+        draft_config = dataclasses.replace(
+            config, model=draft_model, max_model_len=None, dtype=draft_dtype
+        )
+        self.runner = ModelRunner(draft_config, num_blocks=num_blocks)
+        if self.runner.vocab_size != vocab_size:
+            raise ValueError(
+                f"the draft model {draft_model} has a vocabulary of {self.runner.vocab_size} "
+                f"tokens, the target {vocab_size}: they must share one tokenizer"
+            )
+        if self.runner.max_model_len < max_model_len:
+            raise ValueError(
+                f"the draft model {draft_model} holds {self.runner.max_model_len} positions, "
+                f"fewer than the target's max_model_len={max_model_len}: lower max_model_len"
+            )
+        self.sampler = Sampler()
+        self.eos_token_ids = eos_token_ids
+
+    def propose(self, plan: StepPlan, states: list[SeqState]) -> Proposals:
+        """Drafts for every sequence of `plan` (states: their mirrors, in plan order,
+        already corrected by the plan). Writes the draft KV; updates num_draft_computed."""
+        seqs = list(zip(plan.seqs, states, strict=True))
+        for p in plan.seqs:
+            if p.num_draft and not p.sample:
+                raise ValueError(f"seq {p.seq_id}: drafts need a sampling step (sample=True)")
+        drafts: list[list[int]] = [[] for _ in seqs]
+        probes: list[int | None] = [None] * len(seqs)
+        if not any(p.num_draft for p in plan.seqs):
+            return Proposals(drafts, probes)  # nobody speculates: the draft rests
+        first = self._catch_up(seqs)
+        for i, tok in first.items():
+            if seqs[i][0].num_draft:
+                drafts[i].append(tok)
+            else:
+                probes[i] = tok
+        max_k = max((p.num_draft for p in plan.seqs), default=0)
+        for j in range(2, max_k + 1):
+            self._draft_step([i for i, (p, _) in enumerate(seqs) if p.num_draft >= j], seqs, drafts)
+        return Proposals(drafts, probes)
+
+    def _catch_up(self, seqs: list[tuple[SeqPlan, SeqState]]) -> dict[int, int]:
+        """The catch-up forward; returns {plan index: first draft or probe} for the
+        sequences that sample."""
+        run_seqs: list[RunSeq] = []
+        rows: list[SampleRow] = []
+        row_seq: list[int] = []
+        for i, (p, s) in enumerate(seqs):
+            start = min(s.num_draft_computed, p.start_pos)
+            end = p.start_pos + len(p.token_ids)
+            tokens = s.token_ids[start:end]
+            logits_from = len(tokens) - 1 if p.sample else len(tokens)
+            run_seqs.append(RunSeq(tokens, start, s.block_table, logits_from))
+            s.num_draft_computed = end
+            if p.sample:
+                rows.append(s.sample_row(end, [], for_draft=True))
+                row_seq.append(i)
+        logits = self._forward(run_seqs)
+        if not rows:
+            return {}
+        return dict(zip(row_seq, self._sample(logits, rows), strict=True))
+
+    def _draft_step(
+        self, active: list[int], seqs: list[tuple[SeqPlan, SeqState]], drafts: list[list[int]]
+    ) -> None:
+        """One one-token forward for `active` (plan indices): feed each sequence's last
+        draft, sample its next."""
+        run_seqs, rows = [], []
+        for i in active:
+            p, s = seqs[i]
+            end = p.start_pos + len(p.token_ids)
+            pos = end + len(drafts[i]) - 1  # position of the draft fed now
+            run_seqs.append(RunSeq([drafts[i][-1]], pos, s.block_table, 0))
+            rows.append(s.sample_row(end, drafts[i], for_draft=True))
+            s.num_draft_computed = pos + 1
+        logits = self._forward(run_seqs)
+        for i, tok in zip(active, self._sample(logits, rows), strict=True):
+            drafts[i].append(tok)
+
+    def _forward(self, run_seqs: list[RunSeq]) -> torch.Tensor:
+        inp = build_model_input(run_seqs, self.runner.block_size, self.runner.device)
+        return self.runner.execute(inp)
+
+    def _sample(self, logits: torch.Tensor, rows: list[SampleRow]) -> list[int]:
+        meta = SamplingMetadata.build(rows, self.eos_token_ids, logits.shape[-1], logits.device)
+        return self.sampler(logits, meta).token_ids.tolist()

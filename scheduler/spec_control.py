@@ -1,0 +1,181 @@
+"""Speculation-length control: acceptance statistics and the goodput-maximising k.
+
+Acceptance. For each request and draft position j (1-based), rate_j estimates
+P(draft j accepted | drafts 1..j-1 accepted): an EWMA of what verification observed,
+started from a global prior (an EWMA over all requests) at cold start. A step with k
+drafts of which a were accepted observes positions 1..min(a+1, k): accepted up to a,
+rejected at a+1. While a request runs with k = 0, a probe (the draft it would have
+got, compared with the token sampled) keeps position 1 up to date: every step for
+n-gram, in the steps where the draft model runs for a draft model.
+
+Goodput. Let P_i(j) = rate_1 * .. * rate_j: the chance that request i's first j
+drafts are all accepted. With k_i drafts it expects E_i(k_i) = 1 + sum_{j<=k_i} P_i(j)
+tokens. With `MarginalCosts` and depth m = max_i k_i the predicted step time is
+
+    T(k) = base + c_tok * sum_i k_i + F(m) + c_row * sum_i max(k_i - 1, 0)
+    F(0) = 0,  F(m) = catch_up + c_fwd * (m - 1)
+
+(a draft model runs only in steps where someone speculates: its catch-up forward
+gives every speculating request its draft 1, and each further draft position is one
+more draft forward over the requests that reach it; for n-gram all draft costs are
+0). The controller picks k_i in [0, max_k_i] with sum_i k_i <= budget maximising
+(N0 + sum_i (E_i(k_i) - 1)) / T(k), N0 = tokens the step yields with k = 0.
+
+`choose_k` solves this exactly. For each depth m, the step overhead F(m) is fixed
+(it only grows with m) and Dinkelbach's method reduces the ratio to a sequence of
+problems max N(k) - lam * T(k), which separate per request into increments of value
+P_i(j) - lam * (c_tok + [j >= 2] c_row); these are non-increasing in j, so the best
+choice under the budget is the largest positive increments, taken greedily. Then the
+best depth wins. Tests compare it with brute force.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tandem.scheduler.cost_model import MarginalCosts
+from tandem.scheduler.ngram import NgramIndex
+
+
+@dataclass(slots=True)
+class RequestSpec:
+    """A request's speculation state (scheduler-owned, survives preemption)."""
+
+    rates: list[float]  # acceptance rate per draft position, index 0 = position 1
+    ngram: NgramIndex | None = None  # its index when the n-gram proposer is on
+    proposal: list[int] | None = None  # n-gram drafts proposed this step; at k = 0 the
+    # first is compared with the token sampled (a probe)
+    draft_computed: int = 0  # leading tokens whose draft-model KV the worker holds
+    # (as far as the scheduler can tell; it sizes the draft's catch-up forward)
+
+
+class AcceptanceTracker:
+    """Per-position acceptance EWMAs: one global prior, one per request."""
+
+    def __init__(
+        self,
+        max_k: int,
+        initial_rate: float = 0.6,
+        request_weight: float = 0.15,
+        global_weight: float = 0.02,
+    ) -> None:
+        """initial_rate: the prior before anything is observed; *_weight: the EWMA
+        weight of one new observation for a request, and for the global prior."""
+        if not 0 < initial_rate <= 1 or not 0 < request_weight <= 1 or not 0 < global_weight <= 1:
+            raise ValueError("rates and weights must be in (0, 1]")
+        self.max_k = max_k
+        self.prior = [initial_rate] * max_k
+        self.request_weight = request_weight
+        self.global_weight = global_weight
+
+    def new_rates(self) -> list[float]:
+        """A new request's rates: the global prior now."""
+        return list(self.prior)
+
+    def observe(self, rates: list[float], num_drafts: int, num_accepted: int) -> None:
+        """A verification: num_accepted of num_drafts drafts were kept."""
+        if not 0 <= num_accepted <= num_drafts <= self.max_k:
+            raise ValueError(f"bad observation: {num_accepted} of {num_drafts} accepted")
+        for j in range(min(num_accepted + 1, num_drafts)):
+            self._update(rates, j, 1.0 if j < num_accepted else 0.0)
+
+    def observe_probe(self, rates: list[float], accepted: bool) -> None:
+        """A k = 0 step's probe: would draft 1 have been accepted?"""
+        self._update(rates, 0, 1.0 if accepted else 0.0)
+
+    def _update(self, rates: list[float], j: int, x: float) -> None:
+        w, g = self.request_weight, self.global_weight
+        rates[j] += w * (x - rates[j])
+        self.prior[j] += g * (x - self.prior[j])
+
+
+def expected_tokens(rates: list[float], k: int) -> float:
+    """1 + sum_{j<=k} P(first j drafts accepted)."""
+    total, p = 1.0, 1.0
+    for r in rates[:k]:
+        p *= r
+        total += p
+    return total
+
+
+@dataclass(slots=True)
+class Candidate:
+    """A decoding request the controller may give drafts this step."""
+
+    max_k: int  # most drafts it may get now (K, its own cap, drafts available, tokens left)
+    rates: list[float]  # acceptance per draft position (at least max_k entries)
+
+
+def predicted_goodput(
+    ks: list[int], cands: list[Candidate], costs: MarginalCosts, base_tokens: float
+) -> float:
+    """Expected tokens per predicted second for drafts ks (the module's formula)."""
+    tokens = base_tokens + sum(
+        expected_tokens(c.rates, k) - 1 for c, k in zip(cands, ks, strict=True)
+    )
+    depth = max(ks, default=0)
+    time = costs.base_time + costs.per_draft_token * sum(ks)
+    if depth:
+        time += costs.draft_catch_up + costs.per_draft_forward * (depth - 1)
+        time += costs.per_draft_row * sum(max(k - 1, 0) for k in ks)
+    return tokens / time
+
+
+def choose_k(
+    cands: list[Candidate], costs: MarginalCosts, base_tokens: float, budget: int
+) -> list[int]:
+    """Drafts per candidate maximising `predicted_goodput` within the token budget."""
+    best = [0] * len(cands)
+    top = max((c.rates[0] for c in cands if c.max_k > 0), default=None)
+    if top is None or budget <= 0:
+        return best
+    best_g = base_tokens / costs.base_time  # = predicted_goodput(best, ...)
+    # Fast exit (high load): no increment pays, even before any per-depth overhead.
+    if top <= best_g * costs.per_draft_token:
+        return best
+    probs = [_cumulative(c) for c in cands]
+    depth_limit = min(max(len(p) for p in probs), budget)
+    for depth in range(1, depth_limit + 1):
+        lam, ks = best_g, None
+        for _ in range(50):  # Dinkelbach; converges in a few rounds
+            resp = _best_response(probs, depth, lam, costs, budget)
+            g = predicted_goodput(resp, cands, costs, base_tokens)
+            if g <= lam * (1 + 1e-12):
+                break
+            lam, ks = g, resp
+        if ks is not None and lam > best_g:
+            best_g, best = lam, ks
+    return best
+
+
+def _cumulative(c: Candidate) -> list[float]:
+    """P(first j drafts accepted) for j = 1..max_k."""
+    out, p = [], 1.0
+    for r in c.rates[: c.max_k]:
+        p *= r
+        out.append(p)
+    return out
+
+
+def _best_response(
+    probs: list[list[float]], depth: int, lam: float, costs: MarginalCosts, budget: int
+) -> list[int]:
+    """argmax over k (each k_i <= depth, sum <= budget) of N(k) - lam * T(k)."""
+    first_cost = lam * costs.per_draft_token
+    next_cost = lam * (costs.per_draft_token + costs.per_draft_row)
+    gains: list[tuple[float, int, int]] = []  # (gain, j, request)
+    ks = [0] * len(probs)
+    for i, p in enumerate(probs):
+        for j in range(min(depth, len(p))):
+            gain = p[j] - (first_cost if j == 0 else next_cost)
+            if gain <= 0:
+                break  # gains only fall with j
+            gains.append((gain, j, i))
+            ks[i] += 1
+    if len(gains) <= budget:
+        return ks
+    gains.sort(key=lambda t: (-t[0], t[1]))  # ties: lower positions first (prefixes)
+    ks = [0] * len(probs)
+    for _, _, i in gains[:budget]:
+        ks[i] += 1
+    return ks
