@@ -23,6 +23,33 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+STRUCTURED_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(slots=True, frozen=True)
+class StructuredOutput:
+    """A constraint on a request's output, enforced by a token mask at every sampled
+    position (compiled by the engine with llguidance, `tandem.engine.structured`).
+
+    kind -> spec:
+        "json_schema" -> a JSON schema, as JSON text
+        "json_object" -> "" (any JSON object)
+        "regex"       -> a regular expression the whole output must match
+        "choice"      -> a JSON list of strings; the output is exactly one of them
+        "grammar"     -> a Lark grammar (llguidance dialect; `%json {...}` embeds a
+                         schema) or a GBNF/EBNF grammar (recognised by `::=`)
+    """
+
+    kind: str  # one of STRUCTURED_KINDS
+    spec: str  # see above
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRUCTURED_KINDS:
+            raise ValueError(
+                f"structured output kind must be one of {', '.join(STRUCTURED_KINDS)}, "
+                f"got {self.kind!r}"
+            )
+
 
 @dataclass(slots=True)
 class SamplingParams:
@@ -43,6 +70,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # finish on these too
     logprobs: int | None = None  # None = none; N >= 0: sampled token's logprob + top N
     prompt_logprobs: int | None = None  # None = none; N >= 0: each prompt token + top N
+    structured: StructuredOutput | None = None  # constrain outputs (JSON schema, regex, ...)
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
