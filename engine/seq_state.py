@@ -12,6 +12,7 @@ import torch
 
 from tandem.engine.plan import SamplingParams
 from tandem.engine.sampler import SampleRow
+from tandem.engine.structured import GrammarState
 
 
 @dataclass(slots=True)
@@ -29,12 +30,16 @@ class SeqState:
     num_draft_computed: int = 0  # leading tokens whose draft-model KV is written (a
     # prefix of the confirmed tokens once cut to the next plan's start_pos)
     draft_params: SamplingParams | None = None  # sampling without logprobs, for drafts
+    grammar: GrammarState | None = None  # structured output: the grammar's position,
+    # synced to the committed outputs before each mask; None = unconstrained
 
     def sample_row(self, num_tokens: int, drafts: list[int], for_draft: bool) -> SampleRow:
         """The row that samples the output after token_ids[:num_tokens] + drafts.
 
         Its noise is that of output position num_tokens + len(drafts) - num_prompt_tokens,
-        whatever the drafts are; penalties and min_tokens see the drafts as outputs."""
+        whatever the drafts are; penalties and min_tokens see the drafts as outputs.
+        A constrained sequence's row carries the grammar's mask after the committed
+        outputs (token_ids[num_prompt_tokens:num_tokens]) and the drafts."""
         params = self.sampling
         if for_draft:
             if self.draft_params is None:
@@ -51,7 +56,22 @@ class SeqState:
             output_pos=num_tokens - self.num_prompt_tokens + len(drafts),
             prompt_token_ids=prompt,
             output_token_ids=outputs,
+            allowed=self._grammar_mask(num_tokens, drafts),
         )
+
+    def _grammar_mask(self, num_tokens: int, drafts: list[int]) -> bytes | None:
+        if self.grammar is None:
+            return None
+        self.grammar.sync(self.token_ids[self.num_prompt_tokens : num_tokens])
+        return self.grammar.bitmask(drafts)
+
+    def cut_drafts(self, num_tokens: int, drafts: list[int]) -> list[int]:
+        """`drafts` after token_ids[:num_tokens], cut to the prefix the grammar accepts
+        (all of them when unconstrained), so verification never keeps a forbidden one."""
+        if self.grammar is None or not drafts:
+            return drafts
+        self.grammar.sync(self.token_ids[self.num_prompt_tokens : num_tokens])
+        return drafts[: self.grammar.valid_prefix(drafts)]
 
 
 def _uses_history(p: SamplingParams) -> bool:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from tandem.engine.plan import KVCacheInfo, NewSeq, SeqPlan, SeqResult, StepPlan, StepResult
 from tandem.engine.spec_config import SpeculativeConfig
+from tandem.engine.structured import check_structured_cached
 from tandem.scheduler.config import SchedulerConfig
 from tandem.scheduler.kv_blocks import (
     ROOT_HASH,
@@ -124,6 +125,10 @@ class Scheduler:
                 f"request {req.request_id}: the prompt needs {need} KV blocks of "
                 f"{self.kv.block_size} tokens, the KV cache has only {self.kv.num_blocks}"
             )
+        if req.sampling.structured is not None:
+            # the server checked already (a 400); offline and direct callers meet it here,
+            # before a bad constraint could fail a whole step in the worker
+            check_structured_cached(req.sampling.structured)
 
     def can_admit(self) -> bool:
         """Whether the waiting queue has room for one more request."""

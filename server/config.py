@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 LOG_FORMATS = ("text", "json")
+TOOL_CALL_PARSERS = ("hermes", "json")  # the keys of tool_parsers.TOOL_PARSERS
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +63,14 @@ class ServerConfig:
     max_request_body_bytes: int = field(
         default=8 << 20, metadata={"help": "larger request bodies get HTTP 413"}
     )
+    tool_call_parser: str = field(
+        default="hermes",
+        metadata={
+            "help": "how chat outputs are read as tool calls: hermes "
+            '(<tool_call>{"name": ..., "arguments": {...}}</tool_call>, one or more; the '
+            "built-in model's format) | json (the whole output is a call or a list of them)"
+        },
+    )
     engine_process: bool = field(
         default=True,
         metadata={
@@ -91,6 +100,11 @@ class ServerConfig:
         if self.max_request_body_bytes <= 0:
             raise ValueError(
                 f"max_request_body_bytes must be > 0; got {self.max_request_body_bytes}"
+            )
+        if self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(
+                f"tool_call_parser must be one of {', '.join(TOOL_CALL_PARSERS)}; "
+                f"got {self.tool_call_parser!r}"
             )
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("api_key must not be empty")

@@ -3,17 +3,25 @@
 Only requests are pydantic models; responses are plain dicts built in `responses.py`
 (checked against the official OpenAI schemas by the tests). Unknown fields are
 accepted and logged, as the OpenAI API accepts fields newer than a server; fields
-whose behaviour Tandem does not implement (`tools`, `response_format`, `suffix`,
-`best_of` > 1, ...) are rejected with a 400 by `unsupported_fields`, never ignored.
+whose behaviour Tandem does not implement (`suffix`, `best_of` > 1, `tools` on
+/v1/completions, ...) are rejected with a 400 by `unsupported_fields`, never ignored.
+Structured output and tool schemas live in `protocol_structured.py`.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator
 
 from tandem.server.errors import APIError, bad_request, not_supported
+from tandem.server.protocol_structured import (
+    ResponseFormat,
+    StructuredOutputsOptions,
+    ToolCallIn,
+    ToolChoice,
+    ToolDef,
+)
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
@@ -68,6 +76,13 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     speculation: SpeculationOptions | None = None  # per-request speculation control
     usage_detail: bool = False  # usage gets "speculation": drafts verified and accepted
+    # Structured output: at most one of these (`structured_request.py` maps them).
+    response_format: ResponseFormat | None = None  # OpenAI: text, json_object, json_schema
+    structured_outputs: StructuredOutputsOptions | None = None  # vLLM extension
+    guided_json: dict[str, Any] | str | None = None  # older vLLM names of the same
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def max_draft_tokens(self) -> int | None:
         return None if self.speculation is None else self.speculation.max_draft_tokens()
@@ -122,17 +137,44 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    role: Literal["system", "user", "assistant", "developer"]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # assistant only; content may then be null
+    tool_call_id: str | None = Field(None, validate_default=True)  # tool only, required
+
+    @field_validator("tool_call_id")
+    @classmethod
+    def _tool_call_id(cls, value: str | None, info: ValidationInfo) -> str | None:
+        role = info.data.get("role")
+        if role == "tool" and not value:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        if role != "tool" and value is not None:
+            raise ValueError("only tool messages carry a tool_call_id")
+        return value
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _tool_calls(
+        cls, value: list[ToolCallIn] | None, info: ValidationInfo
+    ) -> list[ToolCallIn] | None:
+        if value and info.data.get("role") != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return value
 
     def template_dict(self) -> dict[str, Any]:
-        """The message as chat templates expect it (developer is sent as system)."""
+        """The message as chat templates expect it (developer is sent as system; tool
+        call arguments as dicts)."""
         role = "system" if self.role == "developer" else self.role
         content: Any = self.content or ""
         if isinstance(self.content, list):
             content = [{"type": "text", "text": p.text} for p in self.content]
-        return {"role": role, "content": content}
+        out = {"role": role, "content": content}
+        if self.tool_calls:
+            out["tool_calls"] = [c.template_dict() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -145,7 +187,9 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None  # only {"type": "text"}
+    tools: list[ToolDef] | None = None  # functions the model may call
+    tool_choice: ToolChoice | None = None  # None: "auto" with tools, else "none"
+    parallel_tool_calls: bool = True  # False: at most one call per answer
 
     def output_limit(self) -> int | None:
         return (
@@ -185,16 +229,11 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "tool_choice": (None, "none"),
     "functions": (None, []),
     "function_call": (None, "none"),
-    "parallel_tool_calls": (None, True, False),
     "audio": (None,),
     "modalities": (None, ["text"]),
     "prediction": (None,),
     "web_search_options": (None,),
     "logit_bias_type": (None,),
-    "guided_json": (None,),
-    "guided_regex": (None,),
-    "guided_choice": (None,),
-    "guided_grammar": (None,),
     "use_beam_search": (None, False),
 }
 
@@ -210,12 +249,9 @@ def unsupported_fields(req: SamplingFields) -> None:
             raise not_supported("best_of", "`best_of` other than 1")
         if req.suffix is not None:
             raise not_supported("suffix")
-    if isinstance(req, ChatCompletionRequest):
-        fmt = req.response_format
-        if fmt is not None and fmt.get("type") != "text":
-            raise not_supported("response_format", f"response_format {fmt.get('type')!r}")
-        if req.top_logprobs is not None and not req.logprobs:
-            raise bad_request("top_logprobs requires logprobs: true", param="top_logprobs")
+    chat = isinstance(req, ChatCompletionRequest)
+    if chat and req.top_logprobs is not None and not req.logprobs:  # type: ignore[attr-defined]
+        raise bad_request("top_logprobs requires logprobs: true", param="top_logprobs")
 
 
 def ignored_extra_fields(req: BaseModel) -> list[str]:

@@ -1,7 +1,9 @@
-"""POST /v1/completions: prompts (text or token ids) -> choices, streamed or not."""
+"""POST /v1/completions: prompts (text or token ids) -> choices, streamed or not;
+`response_format` / `structured_outputs` / `guided_*` constrain them."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +37,7 @@ from tandem.server.serving import (
     resolve_max_tokens,
     sampling_params,
 )
+from tandem.server.structured_request import structured_output
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -60,6 +63,7 @@ class ChoiceText:
 
 async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Request) -> Response:
     check_request(ctx, req)
+    structured = structured_output(req, ctx.structured)
     prompts = _tokenize_prompts(ctx, req)
     response_id = new_id("cmpl")
     choices: list[ChoiceDecoder] = []
@@ -70,6 +74,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
         )
         prompt_lps = req.logprobs if req.echo and req.logprobs is not None else None
         params = sampling_params(ctx, req, max_tokens, req.seed, req.logprobs, prompt_lps)
+        params = dataclasses.replace(params, structured=structured)
         for c in fan_out(ctx, req, response_id, prompt.token_ids, p_index * req.n, params):
             choices.append(c)
             builder = CompletionLogprobs(ctx.tokenizer) if req.logprobs is not None else None

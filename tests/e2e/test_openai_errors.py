@@ -81,23 +81,22 @@ def test_completion_invalid_fields_are_400(http, fields, param):
     ("fields", "param"),
     [
         ({"messages": []}, "messages"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.tool_call_id"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, None),
         ({"messages": [{"content": "no role"}]}, "messages.0.role"),
         ({"top_logprobs": 3}, "top_logprobs"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "f g"}}]}, "tools.0.function.name"),
         ({"tool_choice": "required"}, "tool_choice"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
         ({"add_generation_prompt": True, "continue_final_message": True}, "messages"),
         ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs"),
         ({"max_completion_tokens": 2000}, "max_tokens"),
     ],
 )
 def test_chat_invalid_fields_are_400(http, fields, param):
-    err = assert_error(http.post("/v1/chat/completions", json=CHAT | fields), 400, param)
-    if "tools" in fields or "response_format" in fields:
-        assert "not supported" in err["message"]
+    assert_error(http.post("/v1/chat/completions", json=CHAT | fields), 400, param)
 
 
 def test_unsupported_fields_never_ignored_by_the_sdk(server):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from scheduler_fakes import FakeExecutor, greedy, make_core, run_to_end, tokens_of
 
-from tandem.engine.plan import SamplingParams
+from tandem.engine.plan import SamplingParams, StructuredOutput
 from tandem.scheduler.config import SchedulerConfig
 from tandem.scheduler.request import GenerateRequest, RequestStatus
 from tandem.scheduler.scheduler import QueueFullError
@@ -119,6 +119,17 @@ def test_refusals_at_add_request():
         core.add_request(GenerateRequest("c", [1], greedy()))
     core.step()
     assert core.can_admit()
+
+
+def test_bad_structured_output_is_refused_at_add_request():
+    core, _ = make_core(FakeExecutor())
+    bad = StructuredOutput("json_schema", '{"type": "object", "properties": 3}')
+    with pytest.raises(ValueError, match="json_schema"):
+        core.add_request(GenerateRequest("bad", [1, 2], greedy(structured=bad)))
+    assert not core.has_unfinished()  # nothing queued, nothing to fail later in a step
+    ok = StructuredOutput("regex", "[ab]+")
+    core.add_request(GenerateRequest("ok", [1, 2], greedy(structured=ok)))
+    assert core.has_unfinished()
 
 
 def test_bad_inputs_have_clear_messages():
