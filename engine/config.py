@@ -26,6 +26,7 @@ _UNITS = {
 # which the CLI reads, imports no torch
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn", "npu")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|npu)(:\d+)?$")
+EXECUTOR_BACKENDS = ("ray", "uni")
 
 
 def parse_bytes(value: int | str) -> int:
@@ -99,6 +100,31 @@ class EngineConfig:
         default=None,
         metadata={"help": "torch intra-op CPU threads; default: leave torch's setting"},
     )
+    tensor_parallel_size: int = field(
+        default=1,
+        metadata={"help": "tensor-parallel ranks: the model is sharded over this many devices"},
+    )
+    distributed_executor_backend: str | None = field(
+        default=None,
+        metadata={
+            "help": "ray|uni: ray runs one Ray actor per tensor-parallel rank, uni runs the "
+            "model in this process (default: ray when --tensor-parallel-size > 1, else uni)"
+        },
+    )
+    ray_address: str | None = field(
+        default=None,
+        metadata={
+            "help": "Ray cluster to join: auto or HOST:PORT (default: start a local one, "
+            "stopped again on shutdown)"
+        },
+    )
+    step_timeout_s: float = field(
+        default=120.0,
+        metadata={
+            "help": "seconds a step on Ray workers may take before the engine is declared "
+            "dead (in-flight requests fail, the server exits); collectives time out too"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -118,8 +144,35 @@ class EngineConfig:
                 f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}; "
                 f"got {self.attention_backend!r}"
             )
+        self._check_parallel()
         if self.model is not None and not self.model.strip():
             raise ValueError("model must be a directory or hub id, or None for the built-in")
+
+    def _check_parallel(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1; got {self.tensor_parallel_size}")
+        backend = self.distributed_executor_backend
+        if backend is not None and backend not in EXECUTOR_BACKENDS:
+            raise ValueError(
+                f"distributed_executor_backend must be one of {', '.join(EXECUTOR_BACKENDS)}; "
+                f"got {backend!r}"
+            )
+        if backend == "uni" and self.tensor_parallel_size > 1:
+            raise ValueError(
+                "distributed_executor_backend uni runs one rank in this process; "
+                f"tensor_parallel_size={self.tensor_parallel_size} needs ray"
+            )
+        if self.ray_address is not None and not self.ray_address.strip():
+            raise ValueError("ray_address must be auto or HOST:PORT (or unset: a local cluster)")
+        if self.step_timeout_s <= 0:
+            raise ValueError(f"step_timeout_s must be > 0; got {self.step_timeout_s}")
+
+    @property
+    def executor_backend(self) -> str:
+        """The executor to build: "ray" or "uni" (the default follows the TP size)."""
+        if self.distributed_executor_backend is not None:
+            return self.distributed_executor_backend
+        return "ray" if self.tensor_parallel_size > 1 else "uni"
 
     @property
     def kv_cache_bytes(self) -> int:

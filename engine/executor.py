@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.plan import KVCacheInfo, StepPlan, StepResult
 from tandem.engine.spec_config import SpeculativeConfig
 from tandem.engine.worker import Worker
+
+if TYPE_CHECKING:
+    from tandem.engine.ray_executor import RayExecutor
 
 
 class UniExecutor:
@@ -32,3 +36,15 @@ class UniExecutor:
 
     def shutdown(self) -> None:
         self.worker.seqs.clear()
+
+
+def make_executor(
+    config: EngineConfig, spec: SpeculativeConfig | None = None
+) -> UniExecutor | RayExecutor:
+    """The executor `config` asks for: `RayExecutor` (tensor parallelism over Ray actors,
+    the default when tensor_parallel_size > 1) or `UniExecutor` (this process)."""
+    if config.executor_backend == "ray":
+        from tandem.engine.ray_executor import RayExecutor  # imports ray: only when asked
+
+        return RayExecutor(config, spec)
+    return UniExecutor(config, spec)

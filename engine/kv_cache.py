@@ -28,8 +28,9 @@ class KVCacheSpec:
 
 
 def num_blocks_for(memory_bytes: int, spec: KVCacheSpec, max_model_len: int) -> int:
-    """Blocks that fit in memory_bytes. Raises ValueError when they cannot hold one
-    sequence of max_model_len tokens (so a maximal request can always run)."""
+    """Blocks that fit in memory_bytes (one rank's budget, for its spec). Raises
+    ValueError when they cannot hold one sequence of max_model_len tokens (so a maximal
+    request can always run)."""
     num_blocks = memory_bytes // spec.bytes_per_block
     needed = -(-max_model_len // spec.block_size)
     if num_blocks < max(needed, 1):

@@ -18,6 +18,7 @@ from tandem.engine.config import EngineConfig
 from tandem.engine.cuda_graphs import CudaGraphRunner, cuda_graph_refusals
 from tandem.engine.kv_cache import KVCacheSpec, allocate_kv_caches, num_blocks_for
 from tandem.engine.model_input import ModelInput
+from tandem.engine.models.layers import TPInfo
 from tandem.engine.models.loader import (
     checkpoint_dtype,
     eos_token_ids,
@@ -26,6 +27,7 @@ from tandem.engine.models.loader import (
     resolve_model_dir,
 )
 from tandem.engine.models.registry import ModelLoadError, resolve_model_class
+from tandem.engine.parallel import TPGroup
 from tandem.engine.platform import detect_platform, resolve_dtype
 from tandem.kernels.registry import get_attention_backend
 
@@ -50,11 +52,17 @@ class ModelRunner:
     """Loads the model and KV cache for an EngineConfig; `execute` runs one step.
 
     num_blocks: KV blocks to allocate; default: as many as config.kv_cache_memory holds
-    (a draft model passes the target's count, so both index the same block ids)."""
+    (a draft model passes the target's count, so both index the same block ids).
+    tp: this rank's tensor-parallel group (default: a single rank). With tp, the model is
+    sharded, config.kv_cache_memory is per rank and holds this rank's KV heads, and the
+    default num_blocks is the minimum over ranks (identical on every rank)."""
 
-    def __init__(self, config: EngineConfig, num_blocks: int | None = None) -> None:
+    def __init__(
+        self, config: EngineConfig, num_blocks: int | None = None, tp: TPGroup | None = None
+    ) -> None:
         t0 = time.perf_counter()
         self.config = config
+        self.tp = tp or TPGroup(0, 1, None)
         platform = detect_platform(config.device)
         self.device = platform.device
         if config.num_threads is not None and platform.kind == "cpu":
@@ -74,7 +82,8 @@ class ModelRunner:
             block_size=self.block_size,
         )
         if num_blocks is None:
-            num_blocks = num_blocks_for(config.kv_cache_bytes, spec, self.max_model_len)
+            local = num_blocks_for(config.kv_cache_bytes, spec, self.max_model_len)
+            num_blocks = self.tp.all_reduce_min(local)
         self.num_blocks = num_blocks
         self.kv_caches = allocate_kv_caches(spec, self.num_blocks, self.backend, self.device)
         self.graphs = self._cuda_graphs()
@@ -102,6 +111,7 @@ class ModelRunner:
             device=self.device,
             max_model_len=self.max_model_len,
             backend=self.backend,
+            tp=TPInfo.of(self.tp),
         )
         load_weights(model, self.model_dir)
         return model.eval()
@@ -109,6 +119,10 @@ class ModelRunner:
     def _cuda_graphs(self) -> CudaGraphRunner | None:
         """The graph runner for uniform decode/verify steps, or None (logged why)."""
         refusals = cuda_graph_refusals(self.config.enforce_eager, self.device, self.backend)
+        if self.tp.world_size > 1:
+            # c10d collectives are not registered for graph capture here (a captured
+            # all-reduce would need a graph-safe communicator, e.g. pynccl); run eagerly.
+            refusals.append(f"tensor parallel (size {self.tp.world_size}) runs eagerly")
         if refusals:
             logger.info("CUDA graphs off: %s", "; ".join(refusals))
             return None

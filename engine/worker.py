@@ -7,6 +7,11 @@ tokens; then sample (and compute logprobs) for the rows that need it and keep th
 drafts that the target agrees with (`verify.coupled_accept`). The mirrors never
 advance on their own: each plan says what to compute, and its start_pos cuts off the
 drafts the previous step rejected.
+
+Structured output: a constrained sequence's mirror holds its grammar state
+(`tandem.engine.structured`), synced to the committed outputs before each mask; its
+drafts are cut to the prefix the grammar accepts, and window row j's mask is computed
+after tentatively consuming drafts[:j] (then rolled back).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 from tandem.engine.config import EngineConfig
 from tandem.engine.model_input import RunSeq, build_model_input
 from tandem.engine.model_runner import ModelRunner
+from tandem.engine.parallel import ParallelConfig, init_tp_group
 from tandem.engine.plan import (
     KVCacheInfo,
     SeqPlan,
@@ -28,22 +34,40 @@ from tandem.engine.plan import (
     StepResult,
     TokenLogprobs,
 )
+from tandem.engine.platform import detect_platform
 from tandem.engine.proposers import DraftModelProposer, Proposals, draft_model_dir
 from tandem.engine.sampler import Sampler, SampleRow, SamplingMetadata, compute_token_logprobs
 from tandem.engine.seq_state import SeqState
 from tandem.engine.spec_config import SpeculativeConfig
+from tandem.engine.structured import GrammarCompiler, load_ll_tokenizer
 from tandem.engine.verify import coupled_accept
 
 __all__ = ["SeqState", "Worker"]
 
 
 class Worker:
-    def __init__(self, config: EngineConfig, spec: SpeculativeConfig | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        spec: SpeculativeConfig | None = None,
+        parallel: ParallelConfig | None = None,
+    ) -> None:
+        """parallel: this process's tensor-parallel rank (default: one rank). Every rank
+        joins the group here, loads its shard of the target and a full draft model, and
+        then computes identical logits and samples, so any rank's StepResult is the step's.
+        """
         self.config = config
-        self.runner = ModelRunner(config)
+        self.parallel = parallel or ParallelConfig()
+        self.tp_group = init_tp_group(self.parallel, detect_platform(config.device).device)
+        try:
+            self.runner = ModelRunner(config, tp=self.tp_group)
+        except BaseException:
+            self.tp_group.destroy()  # leave no process group behind a failed start
+            raise
         self.sampler = Sampler()
         self.seqs: dict[int, SeqState] = {}
         self._seed_rng = random.Random(config.seed)
+        self._grammars: GrammarCompiler | None = None  # built at the first constraint
         self.proposer: DraftModelProposer | None = None
         if spec is not None and spec.uses_draft_model:
             r = self.runner
@@ -76,7 +100,7 @@ class Worker:
             self.seqs.pop(seq_id, None)
         states = [self._apply(p) for p in plan.seqs]
         t1 = time.perf_counter()
-        props = self._propose(plan, states)
+        props = self._cut_drafts(plan, states, self._propose(plan, states))
         t2 = time.perf_counter()
         run_seqs = []
         for p, s, drafts in zip(plan.seqs, states, props.drafts, strict=True):
@@ -112,6 +136,8 @@ class Worker:
             state = SeqState(
                 list(p.new.prefix_token_ids), [], p.new.sampling, p.new.num_prompt_tokens, seed
             )
+            if p.new.sampling.structured is not None:
+                state.grammar = self._grammar_compiler().new_state(p.new.sampling.structured)
             self.seqs[p.seq_id] = state
         else:
             state = self.seqs[p.seq_id]
@@ -145,6 +171,23 @@ class Worker:
         if self.proposer is not None:
             return self.proposer.propose(plan, states)
         return Proposals([list(p.draft_token_ids) for p in plan.seqs], [None] * len(plan.seqs))
+
+    def _grammar_compiler(self) -> GrammarCompiler:
+        if self._grammars is None:
+            r = self.runner
+            tok = load_ll_tokenizer(r.model_dir, r.vocab_size, tuple(r.eos_token_ids))
+            self._grammars = GrammarCompiler(tok, r.vocab_size)
+        return self._grammars
+
+    @staticmethod
+    def _cut_drafts(plan: StepPlan, states: list[SeqState], props: Proposals) -> Proposals:
+        """Constrained sequences keep only the drafts their grammar accepts (n-gram
+        drafts may break it; a draft model's are sampled under the mask, past eos too)."""
+        props.drafts = [
+            s.cut_drafts(p.start_pos + len(p.token_ids), d)
+            for p, s, d in zip(plan.seqs, states, props.drafts, strict=True)
+        ]
+        return props
 
     @staticmethod
     def _logits_from(p: SeqPlan, s: SeqState) -> int:

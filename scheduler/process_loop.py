@@ -27,9 +27,11 @@ QueueFullError, which the server answers with 429.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -328,12 +330,33 @@ class ProcessEngineLoop:
 
 def _kill(proc: BaseProcess, grace_s: float = 0.0) -> None:
     """SIGKILL the child if it still runs after `grace_s`, and reap it (no zombie, no
-    orphan). The child ignores SIGTERM (see engine_process), hence SIGKILL."""
+    orphan). The child ignores SIGTERM (see engine_process), hence SIGKILL. Processes
+    the child started (a local Ray cluster: GCS, raylet, agents, rank actors) would
+    outlive a killed child, so they get SIGKILL too."""
     if grace_s > 0:
         proc.join(grace_s)
-    if proc.exitcode is None:
+    if proc.exitcode is None and proc.pid is not None:
+        descendants = _descendants(proc.pid)
         proc.kill()
         proc.join(KILL_WAIT_S)
+        for pid in descendants:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below pid, from /proc (Linux; empty where there is no /proc)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{parent}/task"):
+                with open(f"/proc/{parent}/task/{task}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        if parent != pid:
+            found.append(parent)
+    return found
 
 
 def _exit_reason(proc: BaseProcess) -> str:

@@ -4,6 +4,10 @@
 
 `start_engine` runs in a worker thread while the server already answers: /health is
 503 until it returns, 200 while the engine loop is alive, 503 again while draining.
+If the engine dies (its process, a tensor-parallel rank, a step that timed out),
+in-flight requests fail at once, /health turns 503 ("engine_dead"), and after
+ENGINE_DEAD_EXIT_S `on_fatal` stops the server with a non-zero status (so an
+orchestrator restarts it) instead of leaving it up with no engine.
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ ROUTES = (
 )
 # Status code for a request whose client went away (nginx's convention; never sent).
 CLIENT_CLOSED = 499
+ENGINE_WATCH_S = 0.5  # how often the app checks that the engine loop is alive
+ENGINE_DEAD_EXIT_S = 5.0  # after the engine died: /health says so this long, then exit
 
 
 @dataclass(slots=True)
@@ -87,7 +93,8 @@ def build_app(
     on_fatal: Callable[[], None] | None = None,
 ) -> FastAPI:
     """The app. `start_engine` loads the engine (called in a worker thread; the app
-    starts its loop); `on_fatal` is called when that fails (the CLI stops the server)."""
+    starts its loop); `on_fatal` is called when that fails, or when the engine dies
+    later (the CLI then stops the server and exits non-zero)."""
     state = ServerState()
     deps = AppDeps(config, model_name, state, ServerMetrics(model_name), int(time.time()))
     log_interval = None if config.disable_log_stats else config.log_stats_interval
@@ -151,12 +158,28 @@ async def _load(
         deps.metrics,
         deps.state,
         log_requests=not deps.config.disable_log_requests,
+        tool_call_parser=deps.config.tool_call_parser,
     )
     deps.metrics.attach(engine.loop)
     deps.state.engine_alive = lambda: engine.loop.alive
     if deps.state.phase == Phase.STARTING:
         deps.state.phase = Phase.READY
         logger.info("engine ready: serving %s", deps.model_name)
+    await _watch_engine(deps, on_fatal)
+
+
+async def _watch_engine(deps: AppDeps, on_fatal: Callable[[], None] | None) -> None:
+    """Return once the engine loop died while serving, after ENGINE_DEAD_EXIT_S (the
+    loop has already failed every in-flight request), calling `on_fatal`. A drain or
+    shutdown ends the watch without it."""
+    while deps.state.phase == Phase.READY and deps.state.engine_alive():
+        await asyncio.sleep(ENGINE_WATCH_S)
+    if deps.state.phase != Phase.READY:
+        return
+    logger.error("the engine died; the server exits in %.0f s", ENGINE_DEAD_EXIT_S)
+    await asyncio.sleep(ENGINE_DEAD_EXIT_S)
+    if on_fatal is not None and deps.state.phase == Phase.READY:
+        on_fatal()
 
 
 def stop_engine(deps: AppDeps, timeout: float) -> None:

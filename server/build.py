@@ -15,10 +15,11 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tandem.engine.builtin import BUILTIN_NAME
 from tandem.engine.config import EngineConfig
-from tandem.engine.executor import UniExecutor
+from tandem.engine.executor import UniExecutor, make_executor
 from tandem.engine.models.loader import resolve_model_dir
 from tandem.engine.plan import KVCacheInfo
 from tandem.engine.spec_config import SpeculativeConfig
@@ -26,6 +27,9 @@ from tandem.scheduler.config import SchedulerConfig
 from tandem.scheduler.core import EngineCore
 from tandem.scheduler.process_loop import ProcessEngineLoop
 from tandem.server.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from tandem.engine.ray_executor import RayExecutor
 
 STATS_HISTORY = 256  # recent steps kept for metrics (EngineCore's default)
 
@@ -35,7 +39,7 @@ class BuiltEngine:
     """A ready engine: call `core.step()` (or run it in an `EngineLoop`)."""
 
     core: EngineCore  # schedule -> execute -> update
-    executor: UniExecutor  # owns the model and the KV cache
+    executor: UniExecutor | RayExecutor  # owns the model (or its TP ranks) and the KV cache
     tokenizer: Tokenizer  # the model's tokenizer and chat template
     model_dir: Path  # the resolved Hugging Face directory
     kv: KVCacheInfo  # blocks, block size, max_model_len, eos ids
@@ -66,7 +70,7 @@ def build_engine(
     `chat_template` (a Jinja string or a file path) overrides the model's template;
     `stats_history`: recent steps the core keeps for metrics.
     """
-    executor = UniExecutor(engine_config, spec)
+    executor = make_executor(engine_config, spec)
     try:
         model_dir = Path(executor.model_dir)
         tokenizer = Tokenizer.from_dir(model_dir, chat_template)
@@ -84,7 +88,7 @@ def build_core(
 ) -> EngineCore:
     """The executor and the core, no tokenizer: what the engine process builds. (Its
     stats history stays short: the parent keeps the steps it is sent.)"""
-    executor = UniExecutor(engine_config, spec)
+    executor = make_executor(engine_config, spec)
     try:
         return EngineCore(scheduler_config, executor, spec=spec)
     except BaseException:

@@ -1,22 +1,27 @@
 """Model building blocks, shaped for tensor parallelism.
 
-Every layer takes a `TPInfo` (rank 0 of 1 today). Column-parallel layers split their
-output features across ranks, row-parallel layers their input features (and sum the
-partial outputs), vocab-parallel embeddings split the vocabulary. Each parameter has a
-`weight_loader(param, loaded_weight[, shard_id])` that copies this rank's slice of a full
+Every layer takes a `TPInfo` (its rank, the group size, and the group that carries the
+collectives). Column-parallel layers split their output features across ranks,
+row-parallel layers their input features (and all-reduce the partial outputs, adding
+the bias once, after the reduce), vocab-parallel embeddings split the vocabulary in
+ceil(V/tp) rows per rank (the last shard zero-padded). Each parameter has a
+`weight_loader(param, loaded[, shard_id])` that copies this rank's slice of one
 checkpoint tensor (converting dtype), so the loader never needs to know the sharding.
+`loaded` is a torch.Tensor or anything with `.shape` and `.narrow(dim, start, length)
+-> Tensor` (the loader's lazy safetensors view, which reads only the requested slice).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from tandem.engine.parallel import TPGroup
 from tandem.kernels import torch_ref as ops
 
 
@@ -26,6 +31,24 @@ class TPInfo:
 
     rank: int = 0  # 0 .. size-1
     size: int = 1  # ranks sharing each layer
+    group: TPGroup | None = None  # the collectives; None: size 1, or building for loading only
+
+    @classmethod
+    def of(cls, group: TPGroup) -> TPInfo:
+        return cls(rank=group.rank, size=group.world_size, group=group)
+
+    def _require_group(self) -> TPGroup:
+        if self.group is None:
+            raise RuntimeError(f"tensor-parallel size {self.size} needs a TPGroup to run")
+        return self.group
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks in place (identity at size 1)."""
+        return t if self.size == 1 else self._require_group().all_reduce(t)
+
+    def all_gather(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """Concatenate every rank's t along dim (identity at size 1)."""
+        return t if self.size == 1 else self._require_group().all_gather(t, dim)
 
 
 def divide(n: int, tp: TPInfo, what: str) -> int:
@@ -34,18 +57,25 @@ def divide(n: int, tp: TPInfo, what: str) -> int:
     return n // tp.size
 
 
+def read_all(loaded: Any) -> torch.Tensor:
+    """The whole of a checkpoint tensor (a torch.Tensor as is; a lazy view read fully)."""
+    if isinstance(loaded, torch.Tensor):
+        return loaded
+    return loaded.narrow(0, 0, loaded.shape[0])
+
+
 def _param(shape: tuple[int, ...], dtype: torch.dtype, device, loader) -> nn.Parameter:
     p = nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
     p.weight_loader = loader
     return p
 
 
-def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
-    if param.shape != loaded.shape:
+def default_weight_loader(param: nn.Parameter, loaded: Any) -> None:
+    if tuple(param.shape) != tuple(loaded.shape):
         raise ValueError(
             f"shape mismatch: model {tuple(param.shape)}, checkpoint {tuple(loaded.shape)}"
         )
-    param.data.copy_(loaded)
+    param.data.copy_(read_all(loaded))
 
 
 class ColumnParallelLinear(nn.Module):
@@ -58,17 +88,21 @@ class ColumnParallelLinear(nn.Module):
         self.weight = _param((self.out_local, in_features), dtype, device, self.weight_loader)
         self.bias = _param((self.out_local,), dtype, device, self.weight_loader) if bias else None
 
-    def _load_rows(self, param, loaded, dst_offset: int, size: int, src_offset: int) -> None:
-        src = loaded.narrow(0, src_offset, size)
+    def _load_rows(self, param, loaded, dst_offset: int, size: int, src_offset: int,
+                   full_rows: int) -> None:  # fmt: skip
+        """Copy checkpoint rows [src_offset, +size) into param rows [dst_offset, +size);
+        the checkpoint tensor must have full_rows rows (the unsharded size)."""
         dst = param.data.narrow(0, dst_offset, size)
-        if dst.shape != src.shape:
+        shape = tuple(loaded.shape)
+        if shape[0] != full_rows or shape[1:] != tuple(dst.shape[1:]):
             raise ValueError(
-                f"shape mismatch: model {tuple(dst.shape)}, checkpoint {tuple(src.shape)}"
+                f"shape mismatch: model {(full_rows, *dst.shape[1:])}, checkpoint {shape}"
             )
-        dst.copy_(src)
+        dst.copy_(loaded.narrow(0, src_offset, size))
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
-        self._load_rows(param, loaded, 0, self.out_local, self.tp.rank * self.out_local)
+    def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
+        n = self.out_local
+        self._load_rows(param, loaded, 0, n, self.tp.rank * n, n * self.tp.size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (T, in) -> (T, out/tp)"""
@@ -87,38 +121,47 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.output_sizes = [divide(n, tp, "output features") for n in output_sizes]
         super().__init__(in_features, sum(output_sizes), bias, dtype, device, tp)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: int) -> None:
         size = self.output_sizes[shard_id]
         offset = sum(self.output_sizes[:shard_id])
-        self._load_rows(param, loaded, offset, size, self.tp.rank * size)
+        self._load_rows(param, loaded, offset, size, self.tp.rank * size, size * self.tp.size)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
-    """Query, key and value projections in one matmul: output (T, (Hq + 2 Hkv) D / tp)
-    laid out [q | k | v]. KV heads are replicated when there are fewer than ranks."""
+    """Query, key and value projections in one matmul: output (T, (hq + 2 hkv) D) per
+    rank, laid out [q | k | v], hq = Hq/tp and hkv = max(1, Hkv/tp) local heads.
+
+    Rank r holds query heads [r*hq, (r+1)*hq) and the KV heads they attend to: with
+    Hkv >= tp, heads [r*hkv, (r+1)*hkv); with Hkv < tp (tp a multiple of Hkv), one KV
+    head, r // (tp/Hkv), replicated on the tp/Hkv ranks whose queries use it.
+    Example: Hq=4, Hkv=1, tp=2: rank 0 q heads 0-1, rank 1 q heads 2-3, both kv head 0.
+    """
 
     def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int,
                  bias: bool, dtype, device, tp=TPInfo()):  # fmt: skip
         self.num_heads = divide(num_heads, tp, "num_attention_heads")
-        if num_kv_heads >= tp.size:
-            self.num_kv_heads = divide(num_kv_heads, tp, "num_key_value_heads")
-        else:
-            self.num_kv_heads = 1
-            divide(tp.size, TPInfo(size=num_kv_heads), "tensor-parallel size over kv heads")
+        if num_kv_heads % tp.size and tp.size % num_kv_heads:
+            raise ValueError(
+                f"num_key_value_heads={num_kv_heads} cannot be split over tensor-parallel "
+                f"size {tp.size}: one must be a multiple of the other"
+            )
+        self.num_kv_heads = max(1, num_kv_heads // tp.size)
+        self.total_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.kv_group_ranks = max(1, tp.size // num_kv_heads)  # ranks sharing one kv head
         out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp.size
         super().__init__(hidden, out, bias, dtype, device, tp)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: str) -> None:
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         kv_rank = self.tp.rank // self.kv_group_ranks
-        offset, size, src = {
-            "q": (0, q, self.tp.rank * q),
-            "k": (q, kv, kv_rank * kv),
-            "v": (q + kv, kv, kv_rank * kv),
+        kv_rows = self.total_kv_heads * self.head_dim
+        offset, size, src, full = {
+            "q": (0, q, self.tp.rank * q, q * self.tp.size),
+            "k": (q, kv, kv_rank * kv, kv_rows),
+            "v": (q + kv, kv, kv_rank * kv, kv_rows),
         }[shard_id]
-        self._load_rows(param, loaded, offset, size, src)
+        self._load_rows(param, loaded, offset, size, src, full)
 
 
 class RowParallelLinear(nn.Module):
@@ -127,19 +170,24 @@ class RowParallelLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype, device, tp=TPInfo()):
         super().__init__()
         self.tp = tp
+        self.in_features = in_features
         self.in_local = divide(in_features, tp, "input features")
         self.weight = _param((out_features, self.in_local), dtype, device, self.weight_loader)
         self.bias = _param((out_features,), dtype, device, default_weight_loader) if bias else None
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
-        default_weight_loader(param, loaded.narrow(1, self.tp.rank * self.in_local, self.in_local))
+    def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
+        shape = tuple(loaded.shape)
+        if len(shape) != 2 or shape[0] != param.shape[0] or shape[1] != self.in_features:
+            raise ValueError(
+                f"shape mismatch: model ({param.shape[0]}, {self.in_features}), checkpoint {shape}"
+            )
+        param.data.copy_(loaded.narrow(1, self.tp.rank * self.in_local, self.in_local))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (T, in/tp) -> (T, out)"""
+        """x (T, in/tp) -> (T, out); the bias is added once, after the all-reduce."""
         if self.tp.size == 1:
             return F.linear(x, self.weight, self.bias)
-        y = F.linear(x, self.weight)
-        dist.all_reduce(y)
+        y = self.tp.all_reduce(F.linear(x, self.weight))
         return y if self.bias is None else y + self.bias
 
 
@@ -155,15 +203,16 @@ class VocabParallelEmbedding(nn.Module):
         self.start = tp.rank * self.rows
         self.weight = _param((self.rows, hidden), dtype, device, self.weight_loader)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
-        if loaded.shape[0] != self.vocab_size or loaded.shape[1:] != param.shape[1:]:
+    def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
+        shape = tuple(loaded.shape)
+        if shape[0] != self.vocab_size or shape[1:] != tuple(param.shape[1:]):
             raise ValueError(
-                f"shape mismatch: model ({self.vocab_size}, {param.shape[1]}), "
-                f"checkpoint {tuple(loaded.shape)}"
+                f"shape mismatch: model ({self.vocab_size}, {param.shape[1]}), checkpoint {shape}"
             )
         n = max(0, min(self.rows, self.vocab_size - self.start))
-        param.data.zero_()
-        param.data[:n].copy_(loaded[self.start : self.start + n])
+        param.data.zero_()  # padding rows of the last shard stay zero
+        if n:
+            param.data[:n].copy_(loaded.narrow(0, self.start, n))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids (T,) -> (T, hidden)"""
@@ -172,21 +221,17 @@ class VocabParallelEmbedding(nn.Module):
         local = input_ids - self.start
         outside = (local < 0) | (local >= self.rows)
         out = F.embedding(local.masked_fill(outside, 0), self.weight)
-        out.masked_fill_(outside[:, None], 0)
-        dist.all_reduce(out)
-        return out
+        out.masked_fill_(outside[:, None], 0)  # ids of other ranks' shards give zeros
+        return self.tp.all_reduce(out)
 
 
 class ParallelLMHead(VocabParallelEmbedding):
     """The output projection to vocabulary logits (its weight may be the embedding's)."""
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden (L, H) -> (L, V) float32"""
-        logits = F.linear(hidden, self.weight)
-        if self.tp.size > 1:
-            parts = [torch.empty_like(logits) for _ in range(self.tp.size)]
-            dist.all_gather(parts, logits)
-            logits = torch.cat(parts, dim=-1)
+        """hidden (L, H) -> (L, V) float32, identical on every rank: each rank's
+        (L, ceil(V/tp)) slice is all-gathered, and the padding columns cut off."""
+        logits = self.tp.all_gather(F.linear(hidden, self.weight), dim=-1)
         return logits[:, : self.vocab_size].float()
 
 

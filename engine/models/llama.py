@@ -236,13 +236,22 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """A Llama-family causal LM over a paged KV cache (one rank of a TP group)."""
+    """A Llama-family causal LM over a paged KV cache (one rank of a TP group).
+
+    With tp.size > 1 the attention heads, MLP width and vocabulary are split over the
+    ranks (see layers.py); forward's output (T, H) and compute_logits' (N, V) are the
+    full, identical tensors on every rank. num_kv_heads is per rank."""
 
     def __init__(self, hf_config: Any, *, dtype: torch.dtype, device: torch.device | str,
                  max_model_len: int, backend: AttentionBackend, tp: TPInfo = TPInfo()):  # fmt: skip
         super().__init__()
         self.args = a = LlamaArgs.from_hf(hf_config)
-        self.model = LlamaModel(a, backend, dtype, device, max_model_len, tp)
+        try:
+            self.model = LlamaModel(a, backend, dtype, device, max_model_len, tp)
+        except ValueError as e:  # a size that does not split over the TP ranks
+            if tp.size == 1:
+                raise
+            raise ModelLoadError(f"cannot shard the model over {tp.size} ranks: {e}") from None
         self.lm_head = ParallelLMHead(a.vocab_size, a.hidden_size, dtype, device, tp)
         if a.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -267,9 +276,11 @@ class LlamaForCausalLM(nn.Module):
             names.update(parts or [name])
         return names
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Copy HF-named tensors into the parameters (merging q/k/v and gate/up); returns
-        the names consumed. Raises ModelLoadError for unknown names or bad shapes."""
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
+        """Copy this rank's slice of HF-named tensors into the parameters (merging q/k/v
+        and gate/up); returns the names consumed. A weight is a torch.Tensor or a lazy
+        view (loader.LazyTensor: `.shape`, `.narrow`), of which only the slice is read.
+        Raises ModelLoadError for unknown names or bad shapes."""
         params = dict(self.named_parameters())
         loaded = set()
         for name, tensor in weights:

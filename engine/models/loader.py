@@ -107,15 +107,39 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def iterate_weights(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor of every file, on CPU, with a progress bar."""
+class LazyTensor:
+    """One tensor of an open safetensors file that reads only the slices asked for.
+
+    shape: the full tensor's shape; narrow(dim, start, length) -> that slice as a CPU
+    tensor in the checkpoint's dtype (so a tensor-parallel rank never holds a whole
+    sharded weight). Valid only while its file is open (inside iterate_weights)."""
+
+    __slots__ = ("_slice", "name", "shape")
+
+    def __init__(self, name: str, tensor_slice: Any) -> None:
+        self.name = name  # the checkpoint tensor name
+        self._slice = tensor_slice  # safetensors PySafeSlice
+        self.shape = torch.Size(tensor_slice.get_shape())  # the full tensor's shape
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        if not (0 <= dim < len(self.shape) and 0 <= start <= start + length <= self.shape[dim]):
+            raise ValueError(
+                f"slice [{start}, {start + length}) of dim {dim} is outside {tuple(self.shape)}"
+            )
+        index = (slice(None),) * dim + (slice(start, start + length),)
+        return self._slice[index]
+
+
+def iterate_weights(files: list[Path]) -> Iterator[tuple[str, LazyTensor]]:
+    """(name, lazy tensor) for every tensor of every file, with a progress bar. Each
+    tensor must be consumed before the next one is requested (its file closes after)."""
     from safetensors import safe_open
 
     for f in tqdm(files, desc="Loading safetensors", unit="file", disable=len(files) < 2):
         try:
             with safe_open(str(f), framework="pt", device="cpu") as st:
                 for name in st.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    yield name, st.get_tensor(name)
+                    yield name, LazyTensor(name, st.get_slice(name))
         except (OSError, RuntimeError, ValueError) as e:
             if isinstance(e, ModelLoadError):
                 raise
