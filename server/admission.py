@@ -7,6 +7,7 @@ import asyncio
 import enum
 import hmac
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -19,6 +20,12 @@ if TYPE_CHECKING:
 
 PUBLIC_PATHS = frozenset({"/health", "/metrics"})  # no API key needed
 UNGATED_PATHS = PUBLIC_PATHS | {"/version"}  # answered in every phase
+# The reservations made while serving the current HTTP request (a per-request context
+# value, not shared state): the gatekeeper sets a fresh list and releases what is left
+# in it when the request is over, whichever way it ended.
+_REQUEST_RESERVATIONS: ContextVar[list[Reservation] | None] = ContextVar(
+    "tandem_request_reservations", default=None
+)
 
 
 class Phase(enum.IntEnum):
@@ -61,17 +68,58 @@ class ServerState:
         return True
 
 
+class Reservation:
+    """Waiting-queue slots held for the choices of one admitted HTTP request until each
+    is submitted to the engine. A stream starts (and `n` > 1 siblings are submitted)
+    after the admission check; without the hold, requests admitted meanwhile could
+    fill the queue and a request already answered 200 would fail in-band."""
+
+    __slots__ = ("_admission", "pending")
+
+    def __init__(self, admission: Admission, count: int) -> None:
+        self._admission = admission
+        self.pending = count  # choices admitted but not yet submitted
+        admission.reserved += count
+
+    def take(self) -> None:
+        """One choice is submitted now: its slot becomes a real entry of the queue.
+        Call it right before `loop.generate` (no await between the two)."""
+        if self.pending:
+            self.pending -= 1
+            self._admission.reserved -= 1
+
+    def release(self) -> None:
+        """The request is over: slots of choices never submitted are free again."""
+        self._admission.reserved -= self.pending
+        self.pending = 0
+
+
 class Admission:
     """Capacity check before any engine request is submitted."""
 
     def __init__(self, loop: ServingLoop, retry_after_s: int = 1) -> None:
         self.loop = loop
         self.retry_after_s = retry_after_s  # the Retry-After a 429 suggests
+        self.reserved = 0  # queue slots held by admitted, not yet submitted choices
 
-    def admit(self) -> None:
-        """Raise 429 (with Retry-After) when the engine's waiting queue is full."""
-        if not self.loop.can_admit():
+    def admit(self, count: int = 1) -> Reservation:
+        """Hold `count` queue slots (one per choice), or raise 429 (with Retry-After)
+        when the engine's waiting queue cannot take them all."""
+        limit = self.loop.config.max_queued_requests
+        if count > limit:
+            raise APIError(
+                400,
+                f"this request needs {count} engine requests (prompts x n); the server "
+                f"queues at most {limit} (--max-queued-requests)",
+                param="n",
+            )
+        if self.loop.num_waiting + self.reserved + count > limit:
             raise self.queue_full(self.retry_after_s)
+        reservation = Reservation(self, count)
+        holder = _REQUEST_RESERVATIONS.get()
+        if holder is not None:
+            holder.append(reservation)
+        return reservation
 
     @staticmethod
     def queue_full(retry_after_s: int = 1) -> APIError:
@@ -138,9 +186,14 @@ class Gatekeeper:
                 await self.app(scope, receive, send_counted)
             else:
                 self.state.enter()
+                reservations: list[Reservation] = []
+                token = _REQUEST_RESERVATIONS.set(reservations)
                 try:
                     await self.app(scope, self._limited(receive), send_counted)
                 finally:
+                    _REQUEST_RESERVATIONS.reset(token)
+                    for r in reservations:
+                        r.release()
                     self.state.leave()
         finally:
             self.metrics.count_http(self.route_of(path), status[0])

@@ -67,6 +67,8 @@ def make_parser() -> argparse.ArgumentParser:
         default=None,
         help="local Hugging Face directory or hub id (default: the built-in model)",
     )
+    bench = sub.add_parser("bench", help="benchmarks: `tandem bench serve --help`")
+    bench.add_argument("bench_command", choices=["serve"], help="load-test a running server")
     add_config_flags(serve, ServerConfig, ALIASES)
     add_config_flags(serve, EngineConfig, ALIASES)
     add_config_flags(serve, SchedulerConfig, ALIASES)
@@ -119,6 +121,10 @@ def parse_speculative_config(argv: Sequence[str]) -> SpeculativeConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = make_parser()
+    if argv[:2] == ["bench", "serve"]:
+        from tandem.server.bench import main as bench_serve
+
+        return bench_serve(argv[2:])
     if not argv or argv[0] != "serve":
         parser.parse_args(argv)  # prints help or the error, exits
         return 2
@@ -155,7 +161,8 @@ def serve(
     sched_cfg: SchedulerConfig,
     spec_cfg: SpeculativeConfig | None = None,
 ) -> int:
-    """Run the HTTP server until SIGTERM/SIGINT; 0 after a clean drain."""
+    """Run the HTTP server until SIGTERM/SIGINT; 0 after a clean drain, 1 when the
+    engine failed to start or died while serving."""
     from tandem.server.app import build_app
     from tandem.server.build import default_model_name
     from tandem.server.logs import configure_logging
@@ -164,7 +171,7 @@ def serve(
     server: DrainingServer | None = None
     failed = False
 
-    def on_fatal() -> None:  # the engine failed to start
+    def on_fatal() -> None:  # the engine failed to start, or died while serving
         nonlocal failed
         failed = True
         if server is not None:

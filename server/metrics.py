@@ -74,7 +74,8 @@ class ServerMetrics:
             "tandem:request_rejected", "Requests refused with 429 (the waiting queue was full)."
         ).labels(self.model_name)
         self.server_errors = self._counter(
-            "tandem:request_errors", "Requests answered with a 5xx status."
+            "tandem:request_errors",
+            "API requests (/v1/...) answered with a 5xx status (not /health's 503s).",
         ).labels(self.model_name)
 
     def _add_request_families(self) -> None:
@@ -149,7 +150,8 @@ class ServerMetrics:
         self.http_requests.labels(self.model_name, route, str(status)).inc()
         if status == 429:
             self.rejected.inc()
-        elif status >= 500:
+        elif status >= 500 and route.startswith("/v1/"):
+            # /health answers 503 while loading or draining: a state, not an error
             self.server_errors.inc()
 
     def count_prompt_tokens(self, n: int) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -62,6 +62,8 @@ class ChoiceDecoder:
     detok: IncrementalDetokenizer = field(init=False, repr=False)  # this choice's text
     times: RequestTimes = field(init=False, repr=False)  # when its outputs arrived
     recorded: bool = False  # its metrics and log line are done
+    # Called right before its engine request is submitted (admission's slot is taken).
+    on_submit: Callable[[], None] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.detok = self.tokenizer.detokenizer(
@@ -102,6 +104,8 @@ class ChoiceDecoder:
 
 async def _single(loop: ServingLoop, choice: ChoiceDecoder) -> AsyncIterator[ChoiceDelta]:
     """One choice's deltas; leaving early (stop string, disconnect) aborts the request."""
+    if choice.on_submit is not None:
+        choice.on_submit()  # no await until generate() has counted it as waiting
     async with aclosing(loop.generate(choice.request)) as outputs:
         async for out in outputs:
             delta = choice.update(out)

@@ -9,7 +9,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
 from fastapi import Request
@@ -34,6 +34,7 @@ from tandem.server.protocol import (
 )
 from tandem.server.responses import sse
 from tandem.server.stops import StopMatcher
+from tandem.server.structured_request import StructuredChecker
 from tandem.server.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -55,6 +56,9 @@ class ServingContext:
     metrics: ServerMetrics
     state: ServerState  # the server's phase (a drain turns aborts into 503s)
     log_requests: bool = True  # one INFO line per engine request that ends
+    tool_call_parser: str = "hermes"  # how tool calls are read from chat outputs
+    structured: StructuredChecker = field(default_factory=StructuredChecker)  # 400s
+    # for constraints that do not compile, each distinct one compiled once
 
     @property
     def stopping(self) -> bool:
@@ -251,7 +255,9 @@ def error_event(ctx: ServingContext, exc: Exception) -> bytes:
 
 def precheck(ctx: ServingContext, choices: list[ChoiceDecoder]) -> None:
     """Refuse before any response starts: engine down (503), a request the engine can
-    never run (400), a full queue (429). A stream can then only fail in-band on races."""
+    never run (400), a full queue (429). Admitted choices hold their queue slots until
+    submitted, so a started stream meets no full queue later (unless preempted requests,
+    which go back to the waiting queue, fill it meanwhile)."""
     if not ctx.loop.alive:
         raise APIError(503, "the engine is not running; see the server log")
     for c in choices:
@@ -259,7 +265,9 @@ def precheck(ctx: ServingContext, choices: list[ChoiceDecoder]) -> None:
             ctx.loop.check_request(c.request)
         except ValueError as exc:
             raise bad_request(str(exc), param="prompt") from None
-    ctx.admission.admit()
+    reservation = ctx.admission.admit(len(choices))
+    for c in choices:
+        c.on_submit = reservation.take
 
 
 def finish_choices(ctx: ServingContext, choices: list[ChoiceDecoder]) -> None:

@@ -47,12 +47,15 @@ class StopMatcher:
         return out
 
     def _first_match(self, buf: str) -> tuple[int, str] | None:
-        best: tuple[int, str] | None = None
+        """The match that completes first (earliest end; the longer one on a tie), so
+        the cut does not depend on how the text was split into pushes: with stops
+        ["abc", "b"], "abc" pushed whole or as "ab" + "c" both stop at "a"."""
+        best: tuple[int, int, str] | None = None  # (end, start, stop)
         for stop in self.stops:
             pos = buf.find(stop)
-            if pos >= 0 and (best is None or pos < best[0]):
-                best = (pos, stop)
-        return best
+            if pos >= 0 and (best is None or (pos + len(stop), pos) < best[:2]):
+                best = (pos + len(stop), pos, stop)
+        return None if best is None else (best[1], best[2])
 
     def _hold_length(self, buf: str) -> int:
         """Length of the longest suffix of `buf` that is a proper prefix of a stop string."""

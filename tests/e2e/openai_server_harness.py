@@ -9,6 +9,7 @@ Stopped in teardown by its process group id (SIGTERM, then SIGKILL), never by na
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -63,7 +64,11 @@ class TandemServer:
             start_new_session=True,  # its own process group, stopped by its id
         )
         if wait:
-            self.wait_ready()
+            try:
+                self.wait_ready()
+            except BaseException:
+                self.stop_all()  # never leave a half-started server behind
+                raise
         return self
 
     def wait_ready(self, timeout: float = START_TIMEOUT_S) -> None:
@@ -101,12 +106,54 @@ class TandemServer:
         key = self.api_key or "unused"
         return openai.AsyncOpenAI(base_url=self.base_url + "/v1", api_key=key, **kwargs)
 
-    def metric(self, name: str) -> float:
-        text = httpx.get(self.base_url + "/metrics", timeout=10).text
-        for line in text.splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
-                return float(line.rsplit(" ", 1)[1])
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample of /metrics: the first series of `name` whose labels include
+        `labels` (e.g. `metric("tandem:request_success_total", finished_reason="abort")`)."""
+        for sample_labels, value in self.samples(name):
+            if labels.items() <= sample_labels.items():
+                return value
         raise KeyError(name)
+
+    def samples(self, name: str) -> list[tuple[dict[str, str], float]]:
+        """Every series of `name` on /metrics: (labels, value)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(self.base_url + "/metrics", timeout=10).text
+        return [
+            (sample.labels, float(sample.value))
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name
+        ]
+
+    def wait_idle(self, timeout: float = 30.0) -> None:
+        """Wait until no request runs or waits and no KV block is held by a request."""
+        names = (
+            "tandem:num_requests_running",
+            "tandem:num_requests_waiting",
+            "tandem:kv_cache_usage_perc",
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            values = {n: self.metric(n) for n in names}
+            if not any(values.values()):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"server not idle after {timeout}s: {values}")
+            time.sleep(0.1)
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the server's process group (server + engine process)."""
+        assert self.proc is not None
+        total = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:  # the process ended while we looked
+                continue
+            if int(fields[2]) == self.proc.pid:  # field 5 of stat: the process group
+                total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")  # field 24: rss
+        return total
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None
@@ -115,25 +162,48 @@ class TandemServer:
     def stop(self) -> int | None:
         """SIGTERM the process group, SIGKILL after 30 s; returns the exit status."""
         if self.proc is None:
+            self._close_log()
             return None
         if self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                _killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
             except ProcessLookupError:
                 pass
-        self._log.close()
-        Path(self.log_path).unlink(missing_ok=True)
+        self._close_log()
         return self.proc.returncode
 
+    def stop_all(self) -> int | None:
+        """`stop()`, then SIGKILL whatever the server left in its process group (an
+        engine process it failed to stop). Tests that check the server's own cleanup
+        call `stop()` first and look; teardown calls this so that nothing leaks."""
+        rc = self.stop()
+        if self.proc is not None:
+            _killpg(self.proc.pid, signal.SIGKILL)
+        return rc
+
+    def _close_log(self) -> None:
+        if not self._log.closed:
+            self._log.close()
+            Path(self.log_path).unlink(missing_ok=True)
+
     def __enter__(self) -> TandemServer:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.stop_all()  # `__exit__` does not run when `__enter__` raises
+            raise
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self.stop_all()
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # the group is gone already
+        os.killpg(pgid, sig)
 
 
 def _flag_value(args: list[str], flag: str) -> str | None:

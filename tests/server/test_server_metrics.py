@@ -150,9 +150,11 @@ def test_http_counters_429_and_5xx():
     metrics = ServerMetrics("m")
     for status in (200, 429, 429, 503, 400):
         metrics.count_http("/v1/completions", status)
+    metrics.count_http("/health", 503)  # loading or draining: not an error
     s = scrape(metrics)
     assert value(s, "tandem:request_rejected_total") == 2
     assert value(s, "tandem:request_errors_total") == 1
+    assert value(s, "tandem:http_requests_total", route="/health", status="503") == 1
     assert value(s, "tandem:http_requests_total", route="/v1/completions", status="429") == 2
 
 

@@ -36,9 +36,12 @@ def test_held_text_is_released_when_it_cannot_match():
     assert m.flush() == "S"
 
 
-def test_include_stop_and_earliest_match_wins():
+def test_include_stop_and_first_completed_match_wins():
+    # "cd" completes before "bcde", however the text is split into pushes.
     m = StopMatcher(["cd", "bcde"], include_stop=True)
-    assert feed(m, ["ab", "c", "def"]) == ("abcde", True)  # "bcde" starts first
+    assert feed(m, ["ab", "c", "def"]) == ("abcd", True)
+    m = StopMatcher(["cd", "bcde"], include_stop=True)
+    assert feed(m, ["abcdef"]) == ("abcd", True)
     m = StopMatcher(["de", "bc"])
     assert feed(m, ["abcde"]) == ("a", True)
 
