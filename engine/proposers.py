@@ -25,6 +25,9 @@ same values again).
 Drafts are sampled like the target's tokens, with the same parameters and the same
 per-(seed, output position) noise (`SeqState.sample_row`), so for greedy rows the draft
 proposes its argmax and for sampled rows the draft and target draws are coupled.
+For a constrained sequence (structured output) that row also carries the grammar's
+mask after the confirmed outputs and the drafts so far (`SeqState.sample_row` is the
+hook), so its drafts stay grammar-valid and get accepted; the proposer knows no grammar.
 
 Example, k = 2, target tokens [.. a b] of which the draft has KV up to a, plan token c
 at position 9: the catch-up forward runs [b, c] at positions 8, 9 and samples d1 from
@@ -40,7 +43,8 @@ from dataclasses import dataclass
 import torch
 
 from tandem.engine.config import EngineConfig
-from tandem.engine.model_input import RunSeq, build_model_input
+from tandem.engine.draft_input import advance, can_advance
+from tandem.engine.model_input import ModelInput, RunSeq, build_model_input
 from tandem.engine.model_runner import ModelRunner
 from tandem.engine.plan import SeqPlan, StepPlan
 from tandem.engine.sampler import Sampler, SampleRow, SamplingMetadata
@@ -118,20 +122,18 @@ class DraftModelProposer:
         probes: list[int | None] = [None] * len(seqs)
         if not any(p.num_draft for p in plan.seqs):
             return Proposals(drafts, probes)  # nobody speculates: the draft rests
-        first = self._catch_up(seqs)
+        first, greedy = self._catch_up(seqs)
         for i, tok in first.items():
             if seqs[i][0].num_draft:
                 drafts[i].append(tok)
             else:
                 probes[i] = tok
-        max_k = max((p.num_draft for p in plan.seqs), default=0)
-        for j in range(2, max_k + 1):
-            self._draft_step([i for i, (p, _) in enumerate(seqs) if p.num_draft >= j], seqs, drafts)
+        self._draft_steps(seqs, drafts, greedy)
         return Proposals(drafts, probes)
 
-    def _catch_up(self, seqs: list[tuple[SeqPlan, SeqState]]) -> dict[int, int]:
+    def _catch_up(self, seqs: list[tuple[SeqPlan, SeqState]]) -> tuple[dict[int, int], set[int]]:
         """The catch-up forward; returns {plan index: first draft or probe} for the
-        sequences that sample."""
+        sequences that sample, and the plan indices whose rows are plain greedy."""
         run_seqs: list[RunSeq] = []
         rows: list[SampleRow] = []
         row_seq: list[int] = []
@@ -147,30 +149,87 @@ class DraftModelProposer:
                 row_seq.append(i)
         logits = self._forward(run_seqs)
         if not rows:
-            return {}
-        return dict(zip(row_seq, self._sample(logits, rows), strict=True))
+            return {}, set()
+        greedy = {i for i, r in zip(row_seq, rows, strict=True) if _plain_greedy(r)}
+        return dict(zip(row_seq, self._sample(logits, rows), strict=True)), greedy
 
-    def _draft_step(
-        self, active: list[int], seqs: list[tuple[SeqPlan, SeqState]], drafts: list[list[int]]
+    def _draft_steps(
+        self, seqs: list[tuple[SeqPlan, SeqState]], drafts: list[list[int]], greedy: set[int]
     ) -> None:
-        """One one-token forward for `active` (plan indices): feed each sequence's last
-        draft, sample its next."""
-        run_seqs, rows = [], []
-        for i in active:
-            p, s = seqs[i]
-            end = p.start_pos + len(p.token_ids)
-            pos = end + len(drafts[i]) - 1  # position of the draft fed now
-            run_seqs.append(RunSeq([drafts[i][-1]], pos, s.block_table, 0))
-            rows.append(s.sample_row(end, drafts[i], for_draft=True))
-            s.num_draft_computed = pos + 1
-        logits = self._forward(run_seqs)
-        for i, tok in zip(active, self._sample(logits, rows), strict=True):
-            drafts[i].append(tok)
+        """Draft steps 2..max k, one one-token forward each for the sequences with
+        k >= j: feed each its last draft, take its next. While every active sequence is
+        plain greedy (`greedy`, plan indices) and the active set is unchanged, a step
+        reuses the previous step's input (`draft_input.advance`) and its argmax stays on
+        the device; those drafts reach the host once, at the end (or before a step
+        that needs them)."""
+        max_k = max((p.num_draft for p, _ in seqs), default=0)
+        inp: ModelInput | None = None
+        pending: list[tuple[list[int], torch.Tensor]] = []  # (active, their next drafts)
+        prev: list[int] = []
+        for j in range(2, max_k + 1):
+            active = [i for i, (p, _) in enumerate(seqs) if p.num_draft >= j]
+            positions = [seqs[i][0].start_pos + len(seqs[i][0].token_ids) + j - 2 for i in active]
+            fast = all(i in greedy for i in active)
+            if fast and active == prev and can_advance(inp, positions, self.runner.block_size):
+                inp = advance(inp, pending[-1][1])
+            else:
+                _flush(pending, drafts)
+                run_seqs = [
+                    RunSeq([drafts[i][-1]], pos, seqs[i][1].block_table, 0)
+                    for i, pos in zip(active, positions, strict=True)
+                ]
+                inp = build_model_input(run_seqs, self.runner.block_size, self.runner.device)
+            for i, pos in zip(active, positions, strict=True):
+                seqs[i][1].num_draft_computed = pos + 1
+            logits = self.runner.execute(inp)
+            if fast:
+                pending.append((active, logits.argmax(-1)))
+            else:
+                rows = [self._row(seqs[i], drafts[i]) for i in active]
+                for i, tok in zip(active, self._sample(logits, rows), strict=True):
+                    drafts[i].append(tok)
+            prev = active
+        _flush(pending, drafts)
+
+    @staticmethod
+    def _row(seq: tuple[SeqPlan, SeqState], drafts: list[int]) -> SampleRow:
+        p, s = seq
+        return s.sample_row(p.start_pos + len(p.token_ids), drafts, for_draft=True)
 
     def _forward(self, run_seqs: list[RunSeq]) -> torch.Tensor:
         inp = build_model_input(run_seqs, self.runner.block_size, self.runner.device)
         return self.runner.execute(inp)
 
     def _sample(self, logits: torch.Tensor, rows: list[SampleRow]) -> list[int]:
+        if all(_plain_greedy(r) for r in rows):  # the sampler would take the argmax
+            return logits.argmax(-1).tolist()
         meta = SamplingMetadata.build(rows, self.eos_token_ids, logits.shape[-1], logits.device)
         return self.sampler(logits, meta).token_ids.tolist()
+
+
+def _plain_greedy(row: SampleRow) -> bool:
+    """Whether the sampler returns the argmax of this row's raw logits: greedy, and
+    nothing edits the logits (penalties, logit bias, min_tokens, a grammar mask)."""
+    p = row.params
+    return (
+        p.greedy
+        and row.allowed is None
+        and not p.logit_bias
+        and p.repetition_penalty == 1
+        and not p.frequency_penalty
+        and not p.presence_penalty
+        and len(row.output_token_ids) >= p.min_tokens
+    )
+
+
+def _flush(pending: list[tuple[list[int], torch.Tensor]], drafts: list[list[int]]) -> None:
+    """Append the device-held drafts of `pending` steps to `drafts` (one host sync)."""
+    if not pending:
+        return
+    values = torch.cat([t for _, t in pending]).tolist()
+    offset = 0
+    for active, _ in pending:
+        for i, tok in zip(active, values[offset : offset + len(active)], strict=True):
+            drafts[i].append(tok)
+        offset += len(active)
+    pending.clear()

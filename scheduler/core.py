@@ -39,10 +39,14 @@ class EngineCore:
         clock: Callable[[], float] = time.monotonic,
         stats_history: int = 256,
         spec: SpeculativeConfig | None = None,
+        step_timer: Callable[[], float] = time.perf_counter,
     ) -> None:
         """spec: speculative decoding, the same config the executor got (its draft
-        model proposes in the engine; n-gram drafts and k are chosen here)."""
+        model proposes in the engine; n-gram drafts and k are chosen here).
+        step_timer: the clock (seconds) that step and execute times are measured with;
+        they feed the speculation cost model (tests pass a synthetic one)."""
         self.config = config
+        self.step_timer = step_timer
         self.executor = executor
         self.kv: KVCacheInfo = executor.kv_cache_info()
         self.scheduler = Scheduler(config, self.kv, hash_fn=hash_fn, clock=clock, spec=spec)
@@ -50,13 +54,13 @@ class EngineCore:
 
     def step(self) -> list[RequestOutput]:
         """One step; returns an output per request with news."""
-        t0 = time.perf_counter()
+        t0 = self.step_timer()
         plan = self.scheduler.schedule()
         split = self.scheduler.token_split(plan)
         result, execute_time = self._execute(plan)
         outputs = self.scheduler.update(plan, result)
         if plan.seqs:
-            step_time = time.perf_counter() - t0
+            step_time = self.step_timer() - t0
             self.scheduler.record_step(plan, result, step_time)
             self._record(plan, result, split, outputs, step_time, execute_time)
         return outputs
@@ -65,9 +69,9 @@ class EngineCore:
         """Run the plan; a plan without seqs (everything finished in schedule) is not sent."""
         if not plan.seqs:
             return StepResult(step_id=plan.step_id, seqs=[]), 0.0
-        t0 = time.perf_counter()
+        t0 = self.step_timer()
         result = self.executor.execute(plan)
-        return result, time.perf_counter() - t0
+        return result, self.step_timer() - t0
 
     def _record(
         self,

@@ -6,6 +6,8 @@ own model code.
 
     python -m tandem.engine.builtin.train --data ../shared/data/tinyshakespeare.txt
 
+`--distill-draft` retrains only the draft against the shipped target (distill.py).
+
 It writes two standard Hugging Face directories beside this file (config.json,
 generation_config.json, model.safetensors in bf16, tokenizer files with a chat
 template) and `metrics.json` with the figures the README reports.
@@ -25,10 +27,31 @@ HERE = Path(__file__).resolve().parent
 SPECIAL = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    # Tools (OpenAI `tools`, rendered when given): a system-like turn listing them as
+    # JSON and the Hermes-style call format the server's `hermes` parser reads back.
+    "{% if tools %}{{ '<|system|>\\n# Tools\\n\\nYou may call one or more functions to "
+    "assist with the user query.\\n\\nYou are provided with function signatures within "
+    "<tools></tools> XML tags:\\n<tools>' }}"
+    "{% for tool in tools %}{{ '\\n' }}{{ tool | tojson }}{% endfor %}"
+    "{{ '\\n</tools>\\n\\nFor each function call, return a json object with function name "
+    "and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n"
+    '{"name": <function-name>, "arguments": <args-json-object>}\\n</tool_call>\' }}'
+    "{{ eos_token }}{% endif %}"
     "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\\n' }}"
+    "{% if message['role'] == 'tool' %}{{ '<|user|>\\n<tool_response>\\n' }}"
+    "{% else %}{{ '<|' + message['role'] + '|>\\n' }}{% endif %}"
     "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}{{ part['text'] }}{% endfor %}{% endif %}"
+    "{% elif message['content'] %}"
+    "{% for part in message['content'] %}{{ part['text'] }}{% endfor %}{% endif %}"
+    "{% if message['role'] == 'tool' %}{{ '\\n</tool_response>' }}{% endif %}"
+    "{% for call in message['tool_calls'] or [] %}"
+    "{% if message['content'] or not loop.first %}{{ '\\n' }}{% endif %}"
+    "{{ '<tool_call>\\n{\"name\": ' }}{{ call['function']['name'] | tojson }}"
+    "{{ ', \"arguments\": ' }}"
+    "{% if call['function']['arguments'] is string %}{{ call['function']['arguments'] }}"
+    "{% else %}{{ call['function']['arguments'] | tojson }}{% endif %}"
+    "{{ '}\\n</tool_call>' }}"
+    "{% endfor %}"
     "{% if not (loop.last and continue_final_message is defined and continue_final_message) %}"
     "{{ eos_token }}{% endif %}"
     "{% endfor %}"
@@ -270,6 +293,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-prompts", type=int, default=16, help="held-out prompts for acceptance")
+    d = p.add_argument_group("draft distillation (distill.py): keeps target and tokenizer")
+    d.add_argument("--distill-draft", action="store_true", help="retrain only the draft")
+    d.add_argument("--distill-steps", type=int, default=400)
+    d.add_argument("--hard-weight", type=float, default=0.1, help="weight of the label loss")
+    d.add_argument("--greedy-rows", type=int, default=1024, help="target greedy continuations")
+    d.add_argument("--greedy-len", type=int, default=96, help="tokens per continuation")
     return p.parse_args(argv)
 
 
@@ -300,6 +329,11 @@ def measure_pair(target, draft, hf_tok, val_stream, n_prompts: int, k: int = 4) 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.distill_draft:
+        from tandem.engine.builtin.distill import distill
+
+        print(json.dumps(distill(args, DRAFT), indent=2))
+        return
     text = Path(args.data).read_text()
     cut = int(len(text) * 0.9)
     train_text, val_text = text[:cut], text[cut:]

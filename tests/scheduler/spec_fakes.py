@@ -7,12 +7,12 @@ block table (to ceil(start_pos / block_size) blocks) before new blocks are appen
 and the table must then hold exactly the blocks of the window. Drafts are the plan's
 (n-gram), or proposed here by a fake draft model that is right where
 `draft_is_right(ctx)` says; verification keeps the drafts matching the target's tokens.
-Optionally it sleeps for a synthetic step cost, so a closed loop can measure it.
+Optionally each step costs synthetic time on the fake's own clock (`timer`, given to
+`EngineCore(step_timer=...)`), so a closed loop measures exactly those costs.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -62,7 +62,7 @@ class SpecFakeExecutor:
         next_token: Callable[[list[int]], int] = hash_next_token,
     ) -> None:
         """draft_model: propose drafts here (else the plans must carry them);
-        step_cost_s: (target, draft) seconds to sleep for a plan; next_token: the
+        step_cost_s: (target, draft) seconds a plan advances `timer` by; next_token: the
         fake target model (a function of the context read back from the KV cache)."""
         self.info = KVCacheInfo(num_blocks, block_size, max_model_len, (0,))
         self.next_token = next_token
@@ -73,6 +73,11 @@ class SpecFakeExecutor:
         self.seqs: dict[int, SpecMirror] = {}
         self.plans: list[StepPlan] = []
         self._draft_runs = False  # whether the fake draft model runs this step
+        self.now_s = 0.0  # the synthetic clock: sum of the steps' costs so far
+
+    def timer(self) -> float:
+        """The synthetic clock, in seconds (only steps advance it)."""
+        return self.now_s
 
     def kv_cache_info(self) -> KVCacheInfo:
         return self.info
@@ -93,8 +98,7 @@ class SpecFakeExecutor:
             if res is not None:
                 results.append(res)
         target_s, draft_s = self.step_cost_s(plan) if self.step_cost_s else (0.001, 0.0)
-        if self.step_cost_s:
-            time.sleep(target_s + draft_s)
+        self.now_s += target_s + draft_s
         return StepResult(plan.step_id, results, draft_time_s=draft_s, target_time_s=target_s)
 
     def _apply(self, sp: SeqPlan) -> SpecMirror:
