@@ -58,25 +58,15 @@ class AcceptanceTracker:
         initial_rate: float = 0.6,
         request_weight: float = 0.15,
         global_weight: float = 0.02,
-        prior_strength: float = 8.0,
     ) -> None:
         """initial_rate: the prior before anything is observed; *_weight: the EWMA
-        weight of one new observation for a request, and for the global prior;
-        prior_strength: how many observations initial_rate counts as. The global prior
-        is the running mean of its first observations (weight 1 / (strength + n + 1))
-        until that weight falls to global_weight, then an EWMA: it learns a position's
-        true rate within a few requests (later positions are seen rarely, only when the
-        earlier ones were accepted) and still follows drift."""
+        weight of one new observation for a request, and for the global prior."""
         if not 0 < initial_rate <= 1 or not 0 < request_weight <= 1 or not 0 < global_weight <= 1:
             raise ValueError("rates and weights must be in (0, 1]")
-        if prior_strength < 0:
-            raise ValueError("prior_strength must be >= 0")
         self.max_k = max_k
         self.prior = [initial_rate] * max_k
         self.request_weight = request_weight
         self.global_weight = global_weight
-        self.prior_strength = prior_strength
-        self.num_observed = [0] * max_k  # global observations per position
 
     def new_rates(self) -> list[float]:
         """A new request's rates: the global prior now."""
@@ -94,9 +84,7 @@ class AcceptanceTracker:
         self._update(rates, 0, 1.0 if accepted else 0.0)
 
     def _update(self, rates: list[float], j: int, x: float) -> None:
-        self.num_observed[j] += 1
-        w = self.request_weight
-        g = max(self.global_weight, 1.0 / (self.prior_strength + self.num_observed[j]))
+        w, g = self.request_weight, self.global_weight
         rates[j] += w * (x - rates[j])
         self.prior[j] += g * (x - self.prior[j])
 

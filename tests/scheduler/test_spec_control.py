@@ -168,18 +168,6 @@ def test_acceptance_tracker_observes_reached_positions_only():
         t.observe(rates, num_drafts=2, num_accepted=3)
 
 
-def test_global_prior_learns_rarely_seen_positions_quickly_then_follows_drift():
-    t = AcceptanceTracker(2, initial_rate=0.6, global_weight=0.02, prior_strength=8.0)
-    rates = t.new_rates()
-    for _ in range(12):  # position 2 accepted every time it is reached
-        t.observe(rates, num_drafts=2, num_accepted=2)
-    # a running mean with the prior counted as 8 observations: (8 * 0.6 + 12) / 20
-    assert t.prior[1] == pytest.approx(0.84)
-    for _ in range(2000):  # then the rate drops: the EWMA follows
-        t.observe(rates, num_drafts=2, num_accepted=1)
-    assert t.prior[1] < 0.01
-
-
 def test_online_linear_model_recovers_coefficients_and_forgets():
     rng = random.Random(1)
     m = OnlineLinearModel([1.0, 64.0, 4096.0], decay=0.9)
