@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -105,16 +104,15 @@ def train_draft(target, draft, corpus: list[int], greedy, args, rng):
     """Minimise distill_loss for args.distill_steps AdamW steps (warm-up, cosine)."""
     import torch
 
+    from tandem.engine.builtin.train import set_lr
+
     opt = torch.optim.AdamW(draft.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
     steps, warmup = args.distill_steps, min(50, args.distill_steps // 10 + 1)
     it = distill_batches(corpus, greedy, args, rng)
     t0 = time.time()
     draft.train()
     for step in range(steps):
-        lr = args.lr * min(1.0, (step + 1) / warmup)
-        lr *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps))
-        for g in opt.param_groups:
-            g["lr"] = lr
+        lr = set_lr(opt, args.lr, step, steps, warmup)
         x, y = next(it)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             with torch.no_grad():

@@ -188,6 +188,16 @@ def evaluate(model, stream, seq: int) -> float:
     return float(torch.stack(losses).mean())
 
 
+def set_lr(opt, base_lr: float, step: int, steps: int, warmup: int) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to 10% of base_lr; sets
+    and returns the step's learning rate."""
+    lr = base_lr * min(1.0, (step + 1) / warmup)
+    lr *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps))
+    for g in opt.param_groups:
+        g["lr"] = lr
+    return lr
+
+
 def train_model(name, cfg, train_stream, val_stream, args, rng):
     import torch
     from transformers import LlamaForCausalLM
@@ -201,10 +211,7 @@ def train_model(name, cfg, train_stream, val_stream, args, rng):
     t0 = time.time()
     model.train()
     for step in range(steps):
-        lr = args.lr * min(1.0, (step + 1) / warmup)
-        lr *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps))
-        for g in opt.param_groups:
-            g["lr"] = lr
+        lr = set_lr(opt, args.lr, step, steps, warmup)
         x, y = next(it)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             logits = model(input_ids=x).logits
