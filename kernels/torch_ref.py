@@ -134,12 +134,10 @@ def _attend_decodes(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, scale
     """
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = kv.shape[2]
-    qg = q.reshape(num_seqs * num_kv_heads, num_heads // num_kv_heads, head_dim)
-    k, v = kv[0].flatten(0, 1), kv[1].flatten(0, 1)  # (Sd*Hkv, Lb, D)
-    scores = torch.bmm(qg, k.transpose(1, 2)).view(num_seqs, num_kv_heads, -1, k.shape[1])
-    scores = scores.float().mul_(scale).add_(bias)
-    probs = torch.softmax(scores, dim=-1).to(kv.dtype).flatten(0, 1)
-    return torch.bmm(probs, v).reshape(num_seqs, num_heads, head_dim)
+    qg = q.reshape(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim).float()
+    scores = torch.matmul(qg * scale, kv[0].float().transpose(-1, -2))  # (Sd, Hkv, G, Lb)
+    probs = torch.softmax(scores.add_(bias), dim=-1).to(kv.dtype)
+    return torch.matmul(probs, kv[1]).reshape(num_seqs, num_heads, head_dim)
 
 
 def _attend_runs(q: torch.Tensor, kv: torch.Tensor, b: AttnBucket, scale: float):
