@@ -18,7 +18,7 @@ bandwidth and FLOPs. Masked keys are still read: cache slots must hold finite va
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -88,24 +88,9 @@ def gather_kv(
     return out.view(2, bucket.num_seqs, num_kv_heads, bucket.kv_len, head_dim)
 
 
-@dataclass(slots=True)
-class TorchStep:
-    """The torch backend's per-step data beyond AttnMetadata's own fields."""
-
-    decode_bias: torch.Tensor | None  # (Sd, 1, 1, Lb) float32 additive mask of the decode
-    # bucket: 0 where a key is visible, -inf elsewhere; None without decodes
-
-
-def decode_bias(bucket: AttnBucket) -> torch.Tensor:
-    """bucket.mask (Sd, 1, 1, Lb) bool -> additive float32 mask of the same shape."""
-    bias = torch.zeros(bucket.mask.shape, dtype=torch.float32, device=bucket.mask.device)
-    return bias.masked_fill_(~bucket.mask, float("-inf"))
-
-
 def prepare(meta: AttnMetadata, kv_cache: torch.Tensor) -> AttnMetadata:
-    """meta with this layout's write/gather rows, the decode bucket's additive mask and a
-    scratch buffer for the largest gather; computed once per step for all layers (whose
-    caches share one shape)."""
+    """meta with this layout's write/gather rows and a scratch buffer for the largest
+    gather; computed once per step for all layers (whose caches share one shape)."""
     buckets = {}
     numel = 0
     for name in ("decode", "runs"):
@@ -114,30 +99,21 @@ def prepare(meta: AttnMetadata, kv_cache: torch.Tensor) -> AttnMetadata:
             b = replace(b, kv_rows=gather_rows(b, kv_cache))
             numel = max(numel, 2 * b.kv_rows.numel() * kv_cache.shape[3] * kv_cache.shape[4])
         buckets[name] = b
-    bias = None if meta.decode is None else decode_bias(meta.decode)
     return replace(
         meta,
         kv_write_rows=kv_write_rows(meta.slot_mapping, kv_cache),
         workspace=kv_cache.new_empty(numel),
-        backend_data=TorchStep(decode_bias=bias),
         **buckets,
     )
 
 
-def _attend_decodes(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, scale: float):
-    """q (Sd, Hq, D), kv (2, Sd, Hkv, Lb, D), bias (Sd, 1, 1, Lb) -> (Sd, Hq, D).
-
-    The GQA group is the query axis. Two batched matmuls instead of SDPA: with G query
-    rows per (seq, head), SDPA's CPU flash kernel is dominated by per-block overhead
-    (measured 1.4x slower). Precision as in that kernel: scores and softmax in float32,
-    probabilities cast to the cache dtype for the product with V (float32 accumulate).
-    """
+def _attend_decodes(q: torch.Tensor, kv: torch.Tensor, b: AttnBucket, scale: float):
+    """q (Sd, Hq, D), kv (2, Sd, Hkv, Lb, D) -> (Sd, Hq, D). The GQA group is the query axis."""
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = kv.shape[2]
-    qg = q.reshape(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim).float()
-    scores = torch.matmul(qg * scale, kv[0].float().transpose(-1, -2))  # (Sd, Hkv, G, Lb)
-    probs = torch.softmax(scores.add_(bias), dim=-1).to(kv.dtype)
-    return torch.matmul(probs, kv[1]).reshape(num_seqs, num_heads, head_dim)
+    qg = q.reshape(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    out = F.scaled_dot_product_attention(qg, kv[0], kv[1], attn_mask=b.mask, scale=scale)
+    return out.reshape(num_seqs, num_heads, head_dim)
 
 
 def _attend_runs(q: torch.Tensor, kv: torch.Tensor, b: AttnBucket, scale: float):
@@ -150,15 +126,13 @@ def _attend_runs(q: torch.Tensor, kv: torch.Tensor, b: AttnBucket, scale: float)
     return out.transpose(1, 2).reshape(-1, num_heads, head_dim)
 
 
-def _attend_bucket(q, kv_cache, b: AttnBucket, scale: float, meta: AttnMetadata) -> torch.Tensor:
+def _attend_bucket(q, kv_cache, b: AttnBucket, scale: float, workspace) -> torch.Tensor:
     """Attention for one bucket: (Tb, Hq, D) in the bucket's token order."""
     index = b.query_indices if b.query_indices is not None else b.token_indices
     qb = q if index is None else q.index_select(0, index)
-    kv = gather_kv(kv_cache, b, meta.workspace)
+    kv = gather_kv(kv_cache, b, workspace)
     if b.query_len == 1:
-        step = meta.backend_data
-        bias = step.decode_bias if isinstance(step, TorchStep) else decode_bias(b)
-        return _attend_decodes(qb, kv, bias, scale)
+        return _attend_decodes(qb, kv, b, scale)
     out = _attend_runs(qb, kv, b, scale)
     return out if b.output_indices is None else out.index_select(0, b.output_indices)
 
@@ -175,10 +149,10 @@ def paged_attention(
     """
     buckets = [b for b in (meta.decode, meta.runs) if b is not None]
     if len(buckets) == 1 and buckets[0].token_indices is None:
-        return _attend_bucket(q, kv_cache, buckets[0], scale, meta)
+        return _attend_bucket(q, kv_cache, buckets[0], scale, meta.workspace)
     out = torch.empty_like(q)
     for b in buckets:  # at most two: decodes, longer runs
-        attended = _attend_bucket(q, kv_cache, b, scale, meta)
+        attended = _attend_bucket(q, kv_cache, b, scale, meta.workspace)
         out.index_copy_(0, b.token_indices, attended)
     return out
 
