@@ -67,10 +67,19 @@ class AcceptanceTracker:
         self.prior = [initial_rate] * max_k
         self.request_weight = request_weight
         self.global_weight = global_weight
+        self.observed = [False] * max_k  # whether position j was ever verified
 
     def new_rates(self) -> list[float]:
-        """A new request's rates: the global prior now."""
-        return list(self.prior)
+        """A new request's rates: the global prior now, where a position never verified
+        yet takes the rate of the one before it. (Position j is only observed when some
+        step gives k >= j; without this, a deep position would keep initial_rate for
+        good once the controller stops reaching it, however well drafts are accepted
+        — conditional acceptance tends to hold or rise with depth.)"""
+        rates = list(self.prior)
+        for j in range(1, self.max_k):
+            if not self.observed[j]:
+                rates[j] = rates[j - 1]
+        return rates
 
     def observe(self, rates: list[float], num_drafts: int, num_accepted: int) -> None:
         """A verification: num_accepted of num_drafts drafts were kept."""
@@ -85,6 +94,9 @@ class AcceptanceTracker:
 
     def _update(self, rates: list[float], j: int, x: float) -> None:
         w, g = self.request_weight, self.global_weight
+        if not self.observed[j]:  # the first verification here starts from the rate
+            self.prior[j] = self.new_rates()[j]  # new requests were given for it
+            self.observed[j] = True
         rates[j] += w * (x - rates[j])
         self.prior[j] += g * (x - self.prior[j])
 

@@ -160,12 +160,25 @@ def test_acceptance_tracker_observes_reached_positions_only():
     rates = t.new_rates()
     t.observe(rates, num_drafts=3, num_accepted=1)  # pos 1 kept, pos 2 rejected, pos 3 unseen
     assert rates == [0.75, 0.25, 0.5]
-    assert t.prior == [0.75, 0.25, 0.5]
+    # position 2's first observation starts from what new requests were given for it
+    # (position 1's rate, 0.75), not from initial_rate
+    assert t.prior == [0.75, 0.375, 0.5]
     t.observe_probe(rates, accepted=False)
     assert rates[0] == pytest.approx(0.375)
-    assert t.new_rates() == t.prior  # a new request starts from the global prior
+    # a new request starts from the global prior; position 3, never verified, inherits
+    # position 2's rate
+    assert t.new_rates() == [0.375, 0.375, 0.375]
     with pytest.raises(ValueError, match="bad observation"):
         t.observe(rates, num_drafts=2, num_accepted=3)
+
+
+def test_unreached_positions_follow_the_deepest_reached_one():
+    t = AcceptanceTracker(4, initial_rate=0.6, global_weight=0.5)
+    rates = t.new_rates()
+    for _ in range(6):  # k = 2 every step, both drafts accepted: positions 3, 4 unseen
+        t.observe(rates, num_drafts=2, num_accepted=2)
+    fresh = t.new_rates()
+    assert fresh[1] > 0.95 and fresh[2] == fresh[3] == fresh[1]  # not stuck at 0.6
 
 
 def test_online_linear_model_recovers_coefficients_and_forgets():
