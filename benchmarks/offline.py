@@ -46,23 +46,23 @@ class Row:
     hf_tok_s: float | None = None
 
 
-def make_random_llama(out: Path, dtype=torch.bfloat16) -> Path:
-    """A random ~55M-parameter Llama: hidden 512, 8 layers, 8 heads, 2 KV heads, vocab
-    32000, untied embeddings, saved as a Hugging Face directory."""
+def make_random_llama(out: Path, dtype=torch.bfloat16, **sizes: int) -> Path:
+    """A random Llama saved as a Hugging Face directory (seed 0, untied embeddings,
+    vocab 32000). Default sizes: ~55M parameters (hidden 512, 8 layers, 8 heads, 2 KV
+    heads); `sizes` overrides LlamaConfig fields (e.g. hidden_size=768)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=512,
-        intermediate_size=1376,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    fields = {
+        "vocab_size": 32000,
+        "hidden_size": 512,
+        "intermediate_size": 1376,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 2048,
+        **sizes,
+    }
+    cfg = LlamaConfig(**fields, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).to(dtype)
     model.save_pretrained(out, safe_serialization=True)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.offline import make_random_llama
 from tandem.engine.config import EngineConfig
 from tandem.engine.executor import make_executor
 from tandem.engine.plan import SamplingParams, StepPlan
@@ -40,24 +41,16 @@ OUTPUT_LEN = 32
 
 def make_random_llama_100m(out: Path) -> Path:
     """A random ~100M-parameter Llama (hidden 768, 8 layers, 12 heads, 4 KV heads,
-    vocab 32000, untied): 49M embedding + LM head, 50M in the layers."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=32000,
+    vocab 32000, untied): 49M embedding + LM head, 50M in the layers; float32."""
+    return make_random_llama(
+        out,
+        torch.float32,
         hidden_size=768,
         intermediate_size=2048,
-        num_hidden_layers=8,
         num_attention_heads=12,
         num_key_value_heads=4,
         max_position_embeddings=512,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
     )
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).to(torch.float32).save_pretrained(out, safe_serialization=True)
-    return out
 
 
 def dispatch_overhead(num_steps: int, num_blocks: int = 5) -> dict[str, float]:
