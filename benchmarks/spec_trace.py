@@ -5,7 +5,8 @@ rates per draft position, the draft's catch-up tokens and the marginal costs
     .venv/bin/python -m benchmarks.spec_trace
 
 Offline (EngineCore stepped directly, wall-clock step timer as in serving), the
-built-in pair, 4 short prompts x 4 rounds of 64 greedy tokens, one request at a time.
+built-in pair, warmed up as in serving, 4 short prompts x 4 rounds of 64 greedy tokens,
+one request at a time.
 Prints the histogram of chosen k and every 7th of the last 200 steps. A diagnostic
 for the speculation issue: it wraps SpecPlanner._choose, a private method.
 """
@@ -62,6 +63,8 @@ core = EngineCore(
     spec=spec,
     step_timer=time.perf_counter,
 )
+core.warm_up()  # as the server does (its forced steps are left out of the histogram)
+log.clear()
 for r in range(4):
     for i, p in enumerate(prompts):
         core.add_request(

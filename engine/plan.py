@@ -184,6 +184,7 @@ class KVCacheInfo:
     block_size: int
     max_model_len: int  # tokens per sequence the engine can hold (prompt + output)
     eos_token_ids: tuple[int, ...]  # from the model's generation config
+    vocab_size: int  # token ids are < this (the model's embedding rows)
 
 
 class Executor(Protocol):

@@ -92,6 +92,7 @@ class Worker:
             block_size=r.block_size,
             max_model_len=r.max_model_len,
             eos_token_ids=tuple(r.eos_token_ids),
+            vocab_size=r.vocab_size,
         )
 
     def execute(self, plan: StepPlan) -> StepResult:

@@ -18,6 +18,7 @@ from tandem.scheduler.kv_blocks import HashFn, default_block_hash
 from tandem.scheduler.request import GenerateRequest, RequestOutput
 from tandem.scheduler.scheduler import Scheduler, SchedulerStats, TokenSplit
 from tandem.scheduler.stats import StepStats, StepStatsRecorder, StepTotals
+from tandem.scheduler.warm_up import warm_up
 
 
 @dataclass(slots=True)
@@ -51,6 +52,17 @@ class EngineCore:
         self.kv: KVCacheInfo = executor.kv_cache_info()
         self.scheduler = Scheduler(config, self.kv, hash_fn=hash_fn, clock=clock, spec=spec)
         self.step_stats = StepStatsRecorder(stats_history)
+        self._stats_history = stats_history
+
+    def warm_up(self) -> float:
+        """Run the start-up warm-up (scheduler/warm_up.py) before the first request:
+        first-time costs are paid and the speculation cost model is calibrated.
+        Returns its seconds (0 where it was skipped)."""
+        return warm_up(self)
+
+    def reset_step_stats(self) -> None:
+        """Forget the recorded steps (after the warm-up)."""
+        self.step_stats = StepStatsRecorder(self._stats_history)
 
     def step(self) -> list[RequestOutput]:
         """One step; returns an output per request with news."""

@@ -177,6 +177,18 @@ class BlockPool:
         self._hash[block_id] = block_hash
         self._key[block_id] = (parent_hash, tokens)
 
+    def reset(self) -> None:
+        """Back to the state of a new pool: every block empty, nothing cached, counters
+        at 0 (after the start-up warm-up). Every block must be free."""
+        if any(self._ref):
+            raise ValueError("cannot reset the block pool while blocks are in use")
+        self._empty = deque(range(self.num_blocks))
+        self._evictable.clear()
+        self._by_hash.clear()
+        self._hash = [None] * self.num_blocks
+        self._key = [None] * self.num_blocks
+        self._query_tokens = self._hit_tokens = self._evictions = 0
+
     def stats(self) -> BlockPoolStats:
         return BlockPoolStats(
             num_blocks=self.num_blocks,

@@ -85,6 +85,15 @@ class SpecPlanner:
         self._lock = threading.Lock()  # guards _stats against readers on other threads
         self._planned: _Planned | None = None  # the step planned last
         self._idle_steps = 0  # steps since the draft model last ran (draft method)
+        self.forced_k: int | None = None  # set by the start-up warm-up (scheduler/
+        # warm_up.py): every decode gets this k, and its steps teach the cost model only
+
+    def reset_stats(self) -> None:
+        """Zero the counters (after the warm-up; the cost model keeps what it learned)."""
+        with self._lock:
+            self._stats = SpecStats(
+                accepted_per_pos=[0] * self.max_k, k_histogram=[0] * (self.max_k + 1)
+            )
 
     # ---- planning ------------------------------------------------------------------
 
@@ -121,9 +130,10 @@ class SpecPlanner:
         horizon = max(1.0, left / max(len(cands), 1))  # steps the requests still run, about
         ks = self._choose(cands, plans, catch_up, budget, horizon)
         used = sum(self._apply_k(req, sp, k) for (req, sp), k in zip(chosen, ks, strict=True))
-        with self._lock:
-            for sp in (sp for _, sp in chosen):
-                self._stats.k_histogram[sp.num_draft] += 1
+        if self.forced_k is None:
+            with self._lock:
+                for sp in (sp for _, sp in chosen):
+                    self._stats.k_histogram[sp.num_draft] += 1
         predicted = (
             self.costs.predict(self._features(plans, catch_up)) if self.costs.ready else None
         )
@@ -169,6 +179,8 @@ class SpecPlanner:
     ) -> list[int]:
         """k per candidate. catch_up: the draft's catch-up tokens if it ran (backlog
         included), None for n-gram; horizon: steps the candidates still have, about."""
+        if self.forced_k is not None:
+            return _fit_budget([min(self.forced_k, c.max_k) for c in cands], budget)
         if self.spec.speculation_policy == "fixed":
             return _fit_budget([c.max_k for c in cands], budget)
         if not self.costs.ready or not cands:
@@ -252,6 +264,9 @@ class SpecPlanner:
         state = req.spec
         if state is None or res is None or not res.token_ids:
             return
+        if self.forced_k is not None:  # warm-up: synthetic text says nothing of acceptance
+            state.proposal = None
+            return
         k, a = sp.num_draft, res.num_accepted_drafts
         if k:
             self.tracker.observe(state.rates, k, a)
@@ -283,7 +298,7 @@ class SpecPlanner:
         target_s = max(step_time_s - result.draft_time_s, 0.0)
         features = self._features(plan.seqs, planned.catch_up)
         self.costs.observe(features, target_s, result.draft_time_s)
-        if planned.predicted_s is not None:
+        if planned.predicted_s is not None and self.forced_k is None:
             with self._lock:
                 self._stats.predicted_step_time_s += planned.predicted_s
                 self._stats.measured_step_time_s += step_time_s

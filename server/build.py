@@ -65,7 +65,8 @@ def build_engine(
     stats_history: int = STATS_HISTORY,
     spec: SpeculativeConfig | None = None,
 ) -> BuiltEngine:
-    """Load the model (slow: weights, KV cache) and wire the core and the tokenizer.
+    """Load the model (slow: weights, KV cache), wire the core and the tokenizer, and
+    warm the core up (`EngineCore.warm_up`).
 
     `chat_template` (a Jinja string or a file path) overrides the model's template;
     `stats_history`: recent steps the core keeps for metrics.
@@ -75,6 +76,7 @@ def build_engine(
         model_dir = Path(executor.model_dir)
         tokenizer = Tokenizer.from_dir(model_dir, chat_template)
         core = EngineCore(scheduler_config, executor, stats_history=stats_history, spec=spec)
+        core.warm_up()
     except BaseException:
         executor.shutdown()
         raise
@@ -86,11 +88,13 @@ def build_core(
     scheduler_config: SchedulerConfig,
     spec: SpeculativeConfig | None = None,
 ) -> EngineCore:
-    """The executor and the core, no tokenizer: what the engine process builds. (Its
-    stats history stays short: the parent keeps the steps it is sent.)"""
+    """The executor and the core (warmed up), no tokenizer: what the engine process
+    builds. (Its stats history stays short: the parent keeps the steps it is sent.)"""
     executor = make_executor(engine_config, spec)
     try:
-        return EngineCore(scheduler_config, executor, spec=spec)
+        core = EngineCore(scheduler_config, executor, spec=spec)
+        core.warm_up()
+        return core
     except BaseException:
         executor.shutdown()
         raise

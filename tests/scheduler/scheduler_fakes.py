@@ -69,7 +69,7 @@ class FakeExecutor:
         fail_at_step: int | None = None,
         step_delay_s: float = 0.0,
     ) -> None:
-        self.info = KVCacheInfo(num_blocks, block_size, max_model_len, eos_token_ids)
+        self.info = KVCacheInfo(num_blocks, block_size, max_model_len, eos_token_ids, VOCAB)
         self.next_token = next_token
         self.fail_at_step = fail_at_step
         self.step_delay_s = step_delay_s

@@ -64,7 +64,7 @@ class SpecFakeExecutor:
         """draft_model: propose drafts here (else the plans must carry them);
         step_cost_s: (target, draft) seconds a plan advances `timer` by; next_token: the
         fake target model (a function of the context read back from the KV cache)."""
-        self.info = KVCacheInfo(num_blocks, block_size, max_model_len, (0,))
+        self.info = KVCacheInfo(num_blocks, block_size, max_model_len, (0,), VOCAB)
         self.next_token = next_token
         self.draft_model = draft_model
         self.draft_is_right = draft_is_right
