@@ -81,12 +81,22 @@ class AcceptanceTracker:
                 rates[j] = rates[j - 1]
         return rates
 
-    def observe(self, rates: list[float], num_drafts: int, num_accepted: int) -> None:
-        """A verification: num_accepted of num_drafts drafts were kept."""
+    def observe(
+        self,
+        rates: list[float],
+        num_drafts: int,
+        num_accepted: int,
+        next_accepted: bool | None = None,
+    ) -> None:
+        """A verification: num_accepted of num_drafts drafts were kept. next_accepted:
+        when all were kept, whether one more draft would have been (the n-gram
+        proposal's next token against the bonus token), None if unknown."""
         if not 0 <= num_accepted <= num_drafts <= self.max_k:
             raise ValueError(f"bad observation: {num_accepted} of {num_drafts} accepted")
         for j in range(min(num_accepted + 1, num_drafts)):
             self._update(rates, j, 1.0 if j < num_accepted else 0.0)
+        if next_accepted is not None and num_accepted == num_drafts < self.max_k:
+            self._update(rates, num_drafts, 1.0 if next_accepted else 0.0)
 
     def observe_probe(self, rates: list[float], accepted: bool) -> None:
         """A k = 0 step's probe: would draft 1 have been accepted?"""

@@ -269,7 +269,13 @@ class SpecPlanner:
             return
         k, a = sp.num_draft, res.num_accepted_drafts
         if k:
-            self.tracker.observe(state.rates, k, a)
+            # an n-gram proposal longer than k, all k kept: the bonus token tells whether
+            # draft k+1 would have been kept too (else a low rate at a position the
+            # controller stopped reaching would never be seen again)
+            prop, nxt = state.proposal, None
+            if prop is not None and len(prop) > k == a and len(res.token_ids) > k:
+                nxt = prop[k] == res.token_ids[k]
+            self.tracker.observe(state.rates, k, a, nxt)
             req.num_draft_tokens += k
             req.num_accepted_draft_tokens += a
             with self._lock:

@@ -181,6 +181,17 @@ def test_unreached_positions_follow_the_deepest_reached_one():
     assert fresh[1] > 0.95 and fresh[2] == fresh[3] == fresh[1]  # not stuck at 0.6
 
 
+def test_all_kept_with_a_known_next_draft_observes_one_position_more():
+    t = AcceptanceTracker(4, initial_rate=0.5, request_weight=0.5, global_weight=0.5)
+    rates = t.new_rates()
+    t.observe(rates, num_drafts=2, num_accepted=2, next_accepted=True)
+    assert rates == [0.75, 0.75, 0.75, 0.5]  # position 3 seen through the bonus token
+    t.observe(rates, num_drafts=2, num_accepted=1, next_accepted=True)  # not all kept:
+    assert rates[2] == 0.75  # draft 3 would have followed a rejected one, nothing seen
+    t.observe(rates, num_drafts=4, num_accepted=4, next_accepted=False)  # no position 5
+    assert rates == [0.9375, 0.6875, 0.875, 0.75]
+
+
 def test_online_linear_model_recovers_coefficients_and_forgets():
     rng = random.Random(1)
     m = OnlineLinearModel([1.0, 64.0, 4096.0], decay=0.9)
