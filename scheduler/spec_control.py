@@ -2,11 +2,13 @@
 
 Acceptance. For each request and draft position j (1-based), rate_j estimates
 P(draft j accepted | drafts 1..j-1 accepted): an EWMA of what verification observed,
-started from a global prior (an EWMA over all requests) at cold start. A step with k
-drafts of which a were accepted observes positions 1..min(a+1, k): accepted up to a,
-rejected at a+1. While a request runs with k = 0, a probe (the draft it would have
-got, compared with the token sampled) keeps position 1 up to date: every step for
-n-gram, in the steps where the draft model runs for a draft model.
+started from a global prior (over all requests: a running mean, then an EWMA) at cold
+start. A step with k drafts of which a were accepted observes positions
+1..min(a+1, k): accepted up to a, rejected at a+1 (with n-gram, position k+1 too when
+all k were kept: the proposal's next token against the bonus token). While a request
+runs with k = 0, a probe (the draft it would have got, compared with the token
+sampled) keeps position 1 up to date: every step for n-gram, in the steps where the
+draft model runs for a draft model.
 
 Goodput. Let P_i(j) = rate_1 * .. * rate_j: the chance that request i's first j
 drafts are all accepted. With k_i drafts it expects E_i(k_i) = 1 + sum_{j<=k_i} P_i(j)
@@ -57,17 +59,27 @@ class AcceptanceTracker:
         max_k: int,
         initial_rate: float = 0.6,
         request_weight: float = 0.15,
-        global_weight: float = 0.02,
+        global_weight: float = 0.003,
+        prior_strength: float = 5.0,
     ) -> None:
         """initial_rate: the prior before anything is observed; *_weight: the EWMA
-        weight of one new observation for a request, and for the global prior."""
+        weight of one new observation for a request, and for the global prior, which
+        starts as a running mean: its n-th observation at a position weighs
+        max(global_weight, 1 / (n + prior_strength)), initial_rate counting as
+        prior_strength observations. (The global prior sees every request's
+        verifications: at 64 concurrent requests a weight of 0.02 per observation
+        remembered less than one step, and its swings moved every request's k.)"""
         if not 0 < initial_rate <= 1 or not 0 < request_weight <= 1 or not 0 < global_weight <= 1:
             raise ValueError("rates and weights must be in (0, 1]")
+        if prior_strength < 0:
+            raise ValueError(f"prior_strength must be >= 0, got {prior_strength}")
         self.max_k = max_k
         self.prior = [initial_rate] * max_k
         self.request_weight = request_weight
         self.global_weight = global_weight
+        self.prior_strength = prior_strength
         self.observed = [False] * max_k  # whether position j was ever verified
+        self.count = [0] * max_k  # verifications seen at position j
 
     def new_rates(self) -> list[float]:
         """A new request's rates: the global prior now, where a position never verified
@@ -107,6 +119,8 @@ class AcceptanceTracker:
         if not self.observed[j]:  # the first verification here starts from the rate
             self.prior[j] = self.new_rates()[j]  # new requests were given for it
             self.observed[j] = True
+        self.count[j] += 1
+        g = max(g, 1.0 / (self.count[j] + self.prior_strength))
         rates[j] += w * (x - rates[j])
         self.prior[j] += g * (x - self.prior[j])
 

@@ -181,6 +181,19 @@ def test_unreached_positions_follow_the_deepest_reached_one():
     assert fresh[1] > 0.95 and fresh[2] == fresh[3] == fresh[1]  # not stuck at 0.6
 
 
+def test_global_prior_is_a_running_mean_then_an_ewma():
+    t = AcceptanceTracker(1, initial_rate=0.6, global_weight=0.01, prior_strength=4)
+    rates = t.new_rates()
+    for x in (1, 0, 1, 1, 1, 1):  # mean of 0.6 x 4 pseudo-observations and these
+        t.observe(rates, 1, x)
+    assert t.prior[0] == pytest.approx((0.6 * 4 + 5) / 10)
+    for x in [0] * 1000 + [1] * 100:  # then the weight stays at 0.01, not 1/n: it
+        t.observe(rates, 1, x)  # follows a change (a running mean would be at 0.09)
+    assert t.prior[0] == pytest.approx(1 - 0.99**100, abs=1e-3)
+    with pytest.raises(ValueError, match="prior_strength"):
+        AcceptanceTracker(2, prior_strength=-1)
+
+
 def test_all_kept_with_a_known_next_draft_observes_one_position_more():
     t = AcceptanceTracker(4, initial_rate=0.5, request_weight=0.5, global_weight=0.5)
     rates = t.new_rates()
