@@ -23,14 +23,9 @@ from tandem.engine.plan import KVCacheInfo, NewSeq, SeqPlan, SeqResult, StepPlan
 from tandem.engine.spec_config import SpeculativeConfig
 from tandem.engine.structured import check_structured_cached
 from tandem.scheduler.config import SchedulerConfig
-from tandem.scheduler.kv_blocks import (
-    ROOT_HASH,
-    BlockPool,
-    BlockPoolStats,
-    HashFn,
-    default_block_hash,
-)
+from tandem.scheduler.kv_blocks import BlockPool, BlockPoolStats, HashFn, default_block_hash
 from tandem.scheduler.request import GenerateRequest, Request, RequestOutput, RequestStatus
+from tandem.scheduler.request_blocks import prefix_hits, register_full_blocks, trim_blocks
 from tandem.scheduler.speculation import SpecPlanner, SpecStats
 
 
@@ -282,7 +277,7 @@ class Scheduler:
     def _admit(self, req: Request, step: _Step) -> bool:
         """Start (or restart) req with its first chunk after its prefix-cache hit; False
         if its blocks do not fit now (admission stops: first come, first served)."""
-        hits = self._prefix_hits(req)
+        hits = prefix_hits(self.pool, req)
         num_cached = len(hits) * self.pool.block_size
         n = self._chunk_len(req, num_cached, step.budget)
         need = self.pool.blocks_for(num_cached + n) - len(hits)
@@ -311,18 +306,6 @@ class Scheduler:
         )
         return True
 
-    def _prefix_hits(self, req: Request) -> list[int]:
-        """Cached blocks for req's leading full blocks, never covering its last token
-        (its logits are needed). None for prompt_logprobs requests (they need every
-        prompt position's logits)."""
-        if not self.pool.enable_prefix_caching or req.sampling.prompt_logprobs is not None:
-            return []
-        self.pool.extend_hashes(req.token_ids, req.block_hashes)
-        max_blocks = (len(req.token_ids) - 1) // self.pool.block_size
-        hits = self.pool.find_cached(req.token_ids, req.block_hashes[:max_blocks])
-        self.pool.record_prefix_query(len(req.token_ids), len(hits) * self.pool.block_size)
-        return hits
-
     # ---- update --------------------------------------------------------------------
 
     def update(self, plan: StepPlan, result: StepResult) -> list[RequestOutput]:
@@ -350,7 +333,7 @@ class Scheduler:
             raise RuntimeError(f"seq {sp.seq_id}: {num_accepted} of {sp.num_draft} drafts accepted")
         req.num_computed_tokens += len(sp.token_ids) + num_accepted
         if not sp.sample:
-            self._register_full_blocks(req)
+            register_full_blocks(self.pool, req)
             return None
         if res is None or len(res.token_ids) != num_accepted + 1:
             raise RuntimeError(
@@ -370,30 +353,9 @@ class Scheduler:
             req.finished_time = self.clock()
             self._release(req)
         else:
-            self._trim_blocks(req)
-            self._register_full_blocks(req)
+            trim_blocks(self.pool, req)
+            register_full_blocks(self.pool, req)
         return req.make_output(res.token_ids[:taken], new_lps)
-
-    def _trim_blocks(self, req: Request) -> None:
-        """Take back the blocks that only rejected drafts used: a running request holds
-        exactly the blocks of its computed tokens (workers cut their tables alike)."""
-        keep = self.pool.blocks_for(req.num_computed_tokens)
-        if len(req.block_ids) > keep:
-            self.pool.free(req.block_ids[keep:])
-            del req.block_ids[keep:]
-
-    def _register_full_blocks(self, req: Request) -> None:
-        """Offer each newly computed full block to the prefix cache."""
-        bs = self.pool.block_size
-        num_full = req.num_computed_tokens // bs
-        if not self.pool.enable_prefix_caching or num_full <= req.num_registered_blocks:
-            return
-        self.pool.extend_hashes(req.token_ids, req.block_hashes)
-        for i in range(req.num_registered_blocks, num_full):
-            parent = req.block_hashes[i - 1] if i else ROOT_HASH
-            tokens = tuple(req.token_ids[i * bs : (i + 1) * bs])
-            self.pool.cache_block(req.block_ids[i], req.block_hashes[i], parent, tokens)
-        req.num_registered_blocks = num_full
 
     def _finish(self, req: Request, status: RequestStatus) -> RequestOutput:
         req.status = status

@@ -1,0 +1,48 @@
+"""A request's KV blocks against the pool: prefix-cache hits at admission, blocks
+given back after rejected drafts, full blocks offered to the prefix cache.
+
+The scheduler decides when; these keep a request's `block_ids`, `block_hashes` and
+`num_registered_blocks` consistent with the pool.
+"""
+
+from __future__ import annotations
+
+from tandem.scheduler.kv_blocks import ROOT_HASH, BlockPool
+from tandem.scheduler.request import Request
+
+
+def prefix_hits(pool: BlockPool, req: Request) -> list[int]:
+    """Cached blocks for req's leading full blocks, never covering its last token (its
+    logits are needed). None for prompt_logprobs requests (they need every prompt
+    position's logits). Records the query in the pool's statistics; takes no
+    references."""
+    if not pool.enable_prefix_caching or req.sampling.prompt_logprobs is not None:
+        return []
+    pool.extend_hashes(req.token_ids, req.block_hashes)
+    max_blocks = (len(req.token_ids) - 1) // pool.block_size
+    hits = pool.find_cached(req.token_ids, req.block_hashes[:max_blocks])
+    pool.record_prefix_query(len(req.token_ids), len(hits) * pool.block_size)
+    return hits
+
+
+def trim_blocks(pool: BlockPool, req: Request) -> None:
+    """Take back the blocks that only rejected drafts used: a running request holds
+    exactly the blocks of its computed tokens (workers cut their tables alike)."""
+    keep = pool.blocks_for(req.num_computed_tokens)
+    if len(req.block_ids) > keep:
+        pool.free(req.block_ids[keep:])
+        del req.block_ids[keep:]
+
+
+def register_full_blocks(pool: BlockPool, req: Request) -> None:
+    """Offer each newly computed full block to the prefix cache."""
+    bs = pool.block_size
+    num_full = req.num_computed_tokens // bs
+    if not pool.enable_prefix_caching or num_full <= req.num_registered_blocks:
+        return
+    pool.extend_hashes(req.token_ids, req.block_hashes)
+    for i in range(req.num_registered_blocks, num_full):
+        parent = req.block_hashes[i - 1] if i else ROOT_HASH
+        tokens = tuple(req.token_ids[i * bs : (i + 1) * bs])
+        pool.cache_block(req.block_ids[i], req.block_hashes[i], parent, tokens)
+    req.num_registered_blocks = num_full
