@@ -62,15 +62,7 @@ class BlockPool:
         self.enable_prefix_caching = enable_prefix_caching
         self.hash_fn = hash_fn
         self._ref = [0] * num_blocks
-        self._empty: deque[int] = deque(range(num_blocks))  # free, no cached content
-        self._evictable: OrderedDict[int, None] = OrderedDict()  # free, cached; LRU first
-        self._by_hash: dict[int, int] = {}  # chained hash -> block id
-        self._hash: list[int | None] = [None] * num_blocks  # each cached block's hash
-        self._key: list[tuple[int, tuple[int, ...]] | None] = [None] * num_blocks
-        # each cached block's (parent hash, tokens), checked on every hit
-        self._query_tokens = 0
-        self._hit_tokens = 0
-        self._evictions = 0
+        self.reset()
 
     @property
     def num_free_blocks(self) -> int:
@@ -178,16 +170,20 @@ class BlockPool:
         self._key[block_id] = (parent_hash, tokens)
 
     def reset(self) -> None:
-        """Back to the state of a new pool: every block empty, nothing cached, counters
-        at 0 (after the start-up warm-up). Every block must be free."""
+        """Back to the state of a new pool (also how a new pool starts): every block
+        empty, nothing cached, counters at 0. Every block must be free."""
         if any(self._ref):
             raise ValueError("cannot reset the block pool while blocks are in use")
-        self._empty = deque(range(self.num_blocks))
-        self._evictable.clear()
-        self._by_hash.clear()
-        self._hash = [None] * self.num_blocks
-        self._key = [None] * self.num_blocks
-        self._query_tokens = self._hit_tokens = self._evictions = 0
+        n = self.num_blocks
+        self._empty: deque[int] = deque(range(n))  # free, no cached content
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # free, cached; LRU first
+        self._by_hash: dict[int, int] = {}  # chained hash -> block id
+        self._hash: list[int | None] = [None] * n  # each cached block's hash
+        self._key: list[tuple[int, tuple[int, ...]] | None] = [None] * n
+        # each cached block's (parent hash, tokens), checked on every hit
+        self._query_tokens = 0
+        self._hit_tokens = 0
+        self._evictions = 0
 
     def stats(self) -> BlockPoolStats:
         return BlockPoolStats(

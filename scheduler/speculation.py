@@ -79,17 +79,16 @@ class SpecPlanner:
         self.max_len = max_len
         self.tracker = AcceptanceTracker(self.max_k)
         self.costs = StepCostModel()
-        self._stats = SpecStats(
-            accepted_per_pos=[0] * self.max_k, k_histogram=[0] * (self.max_k + 1)
-        )
         self._lock = threading.Lock()  # guards _stats against readers on other threads
+        self.reset_stats()
         self._planned: _Planned | None = None  # the step planned last
         self._idle_steps = 0  # steps since the draft model last ran (draft method)
         self.forced_k: int | None = None  # set by the start-up warm-up (scheduler/
         # warm_up.py): every decode gets this k, and its steps teach the cost model only
 
     def reset_stats(self) -> None:
-        """Zero the counters (after the warm-up; the cost model keeps what it learned)."""
+        """Zero the counters (at start, and after the warm-up; the cost model keeps
+        what it learned)."""
         with self._lock:
             self._stats = SpecStats(
                 accepted_per_pos=[0] * self.max_k, k_histogram=[0] * (self.max_k + 1)
