@@ -3,19 +3,20 @@ failing within the timeout instead of hanging."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import time
 
 import torch
-from tp_harness import free_port
+from tp_harness import spawn_ranks
 
 from tandem.engine.parallel import ParallelConfig, TPGroup, init_tp_group
 
 TIMEOUT_S = 3.0
 
 
-def _rank(rank: int, init_method: str, results) -> None:
-    pc = ParallelConfig(world_size=2, rank=rank, init_method=init_method, timeout_s=TIMEOUT_S)
+def _rank(rank: int, world_size: int, init_method: str) -> dict:
+    pc = ParallelConfig(
+        world_size=world_size, rank=rank, init_method=init_method, timeout_s=TIMEOUT_S
+    )
     group = init_tp_group(pc, torch.device("cpu"))
     try:
         t = torch.full((2, 3), float(rank + 1))
@@ -34,26 +35,13 @@ def _rank(rank: int, init_method: str, results) -> None:
                 out["timeout"] = time.monotonic() - t0
         else:
             time.sleep(TIMEOUT_S + 2)
-        results.put((rank, out))
+        return out
     finally:
         group.destroy()
 
 
 def test_collectives_and_timeout_on_two_ranks():
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    init = f"tcp://127.0.0.1:{free_port()}"
-    procs = [ctx.Process(target=_rank, args=(r, init, results), daemon=True) for r in (0, 1)]
-    for p in procs:
-        p.start()
-    try:
-        outs = dict(results.get(timeout=60) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-                p.join()
+    outs = spawn_ranks(_rank, timeout_s=60)
     for rank in (0, 1):
         assert outs[rank]["same"]  # in place
         assert outs[rank]["sum"] == [[3.0] * 3] * 2

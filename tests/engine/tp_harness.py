@@ -122,30 +122,30 @@ def run_rank(
         worker.tp_group.destroy()
 
 
-def _rank_main(rank, world_size, init_method, args, results) -> None:
+def _spawned(fn, rank, world_size, init_method, args, results) -> None:
     try:
-        pc = ParallelConfig(world_size=world_size, rank=rank, init_method=init_method)
-        out = run_rank(*args, pc, num_threads=1)
+        out = fn(rank, world_size, init_method, *args)
         # plain pickle: mp's tensor reduction would pass fds that die with this process
         results.put((rank, pickle.dumps(out), None))
     except BaseException:  # report any failure to the test instead of hanging it
         results.put((rank, None, traceback.format_exc()))
 
 
-def run_tp(model_dir, prompts, samplings, world_size: int = 2, timeout_s: float = 90.0):
-    """run_rank on world_size spawned processes -> [RankOutput] in rank order."""
+def spawn_ranks(fn, args: tuple = (), world_size: int = 2, timeout_s: float = 90.0) -> list:
+    """fn(rank, world_size, init_method, *args) on world_size spawned processes (fn
+    importable at module level) -> their results in rank order. A rank that raises or
+    a run past timeout_s fails the caller; every process is joined or killed."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     init = f"tcp://127.0.0.1:{free_port()}"
-    args = (model_dir, prompts, samplings)
     procs = [
-        ctx.Process(target=_rank_main, args=(r, world_size, init, args, results), daemon=True)
+        ctx.Process(target=_spawned, args=(fn, r, world_size, init, args, results), daemon=True)
         for r in range(world_size)
     ]
     for p in procs:
         p.start()
     try:
-        outs: dict[int, RankOutput] = {}
+        outs = {}
         for _ in procs:
             rank, out, error = results.get(timeout=timeout_s)
             if error is not None:
@@ -160,3 +160,13 @@ def run_tp(model_dir, prompts, samplings, world_size: int = 2, timeout_s: float 
             if p.is_alive():
                 p.kill()
                 p.join()
+
+
+def _tp_rank(rank, world_size, init_method, model_dir, prompts, samplings) -> RankOutput:
+    pc = ParallelConfig(world_size=world_size, rank=rank, init_method=init_method)
+    return run_rank(model_dir, prompts, samplings, pc, num_threads=1)
+
+
+def run_tp(model_dir, prompts, samplings, world_size: int = 2, timeout_s: float = 90.0):
+    """run_rank on world_size spawned processes -> [RankOutput] in rank order."""
+    return spawn_ranks(_tp_rank, (model_dir, prompts, samplings), world_size, timeout_s)
