@@ -2,6 +2,8 @@
 
     python -m benchmarks.gpu_check --out gpu_check.md            # ~3-4 min on one H100
     python -m benchmarks.gpu_check --quick --out gpu_check.md    # fewer kernel cases, ~2-3 min
+    python -m benchmarks.gpu_check --profile --sweep-s 100       # + where decode time goes,
+                                                                 #   attention plan sweep
     TRITON_INTERPRET=1 python -m benchmarks.gpu_check --device cpu --quick --model-size tiny
                                                                  # this script's own test
 
@@ -35,6 +37,7 @@ import torch
 
 from benchmarks import gpu_check_kernels as kernels
 from benchmarks import gpu_check_model as model
+from benchmarks import gpu_check_profile as profile
 from benchmarks.gpu_check_report import (
     Report,
     Section,
@@ -112,6 +115,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model-size", choices=sorted(model.SIZES), default="1b")
     p.add_argument("--backend", default="triton", help="Tandem attention backend to run")
     p.add_argument("--budget-s", type=float, default=270.0, help="skip sections past this")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="add a decode-step breakdown (host, device, profiler kernels)",
+    )
+    p.add_argument(
+        "--sweep-s",
+        type=float,
+        default=0.0,
+        help="add a Triton attention launch-plan sweep of at most this many s",
+    )
     args = p.parse_args(argv)
     device = torch.device(args.device)
     cpu = device.type == "cpu"
@@ -121,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     args.prefill = (2, 64) if cpu else ((4, 2048) if args.quick else (8, 2048))
     report = Report(f"Tandem GPU check ({args.device}{', quick' if args.quick else ''})",
                     args.out, args.budget_s)  # fmt: skip
-    state: dict = {}
+    state: dict = {"device": device}
     report.run("Device", ["measure", "value"], lambda s: device_section(s, device, state))
     report.run(
         "Kernels vs torch reference on the device (max abs error)",
@@ -131,10 +145,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     report.run(
         "Triton paged attention vs torch SDPA, same shapes (median ms)",
-        ["shape", "triton ms", "SDPA ms", "SDPA / triton"],
+        ["shape", "triton ms", "SDPA ms", "SDPA / triton", "graph: triton", "graph: SDPA",
+         "graph ratio"],
         lambda s: kernels.attention_vs_sdpa(s, device, args.quick),
         need_s=15,
-    )
+    )  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="tandem-gpu-check-") as tmp:
         report.run("Model", ["measure", "value"], lambda s: model_section(s, args, device, state, Path(tmp)), need_s=40)  # fmt: skip
         _model_sections(report, args, state)
@@ -185,6 +200,20 @@ def _model_sections(report: Report, args, state: dict) -> None:
 
     header = ["seqs x tokens", "step ms", "tok/s", "TFLOP/s", "fraction of bf16 peak"]
     report.run("Prefill throughput", header, need_runner(prefill), need_s=10)
+
+    if args.profile:
+
+        def breakdown(section, runner):
+            for batch in (args.batches[0], args.batches[-1]):
+                _noted(section, f"batch {batch}", profile.decode_breakdown, section, runner,
+                       batch, args.ctx, args.steps)  # fmt: skip
+
+        header = ["batch", "what", "ms / step", "detail"]
+        report.run("Decode step breakdown", header, need_runner(breakdown), need_s=15)
+    if args.sweep_s > 0:
+        header = ["shape", "default plan", "ms", "best plan", "ms", "SDPA ms", "plans tried"]
+        report.run("Triton attention launch plans (CUDA-graph replay, ms)", header,
+                   lambda s: kernels.attention_sweep(s, state["device"], args.sweep_s))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -8,12 +8,14 @@ and triton.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import time
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.gpu_check_report import Section, bench_ms
+from benchmarks.gpu_check_report import Section, bench_graph_ms, bench_ms
 from tandem.engine.model_input import RunSeq, build_model_input
 from tandem.kernels import torch_ref
 
@@ -134,20 +136,24 @@ def check_elementwise(section: Section, device: torch.device) -> None:
         # Triton's interpreter (cpu) truncates to bf16/fp16 where a GPU rounds to nearest
         rtol = RTOL[dtype] * (2 if device.type == "cpu" else 1)
         tag = f"{rows} rows {str(dtype)[6:]}"
+        f = [t.float() for t in (x, res, w)]  # references in float32 over the same inputs
         out = triton_ops.rms_norm(x, w, 1e-5)
-        _check_rel(section, "rms_norm", f"x2048, {tag}", out, torch_ref.rms_norm(x, w, 1e-5), rtol)
+        _check_rel(
+            section, "rms_norm", f"x2048, {tag}", out, torch_ref.rms_norm(f[0], f[2], 1e-5), rtol
+        )
         out, new_res = triton_ops.rms_norm_residual(x, res, w, 1e-5)
-        ref_out, ref_res = torch_ref.rms_norm_residual(x, res, w, 1e-5)
+        ref_out, ref_res = torch_ref.rms_norm_residual(*f, 1e-5)
         _check_rel(section, "rms_norm_residual", f"x2048, {tag}", out, ref_out, rtol)
         _check_rel(section, "  its residual sum", f"x2048, {tag}", new_res, ref_res, rtol)
         qkv = rnd(rows, (32 + 16) * 64)
         xr = qkv[:, : 40 * 64].view(rows, 40, 64)
         angles = 100 * torch.rand(rows, 32, generator=g)
         cos, sin = torch.cat((angles.cos(), angles.sin()), -1).to(device, dtype).chunk(2, -1)
-        out, ref = triton_ops.rotate_neox(xr, cos, sin), torch_ref.rotate_neox(xr, cos, sin)
+        out = triton_ops.rotate_neox(xr, cos, sin)
+        ref = torch_ref.rotate_neox(xr.float(), cos.float(), sin.float())
         _check_rel(section, "rotate_neox", f"qkv view x40x64, {tag}", out, ref, rtol)
         gu = rnd(rows, 2 * 8192)
-        out, ref = triton_ops.silu_and_mul(gu), torch_ref.silu_and_mul(gu)
+        out, ref = triton_ops.silu_and_mul(gu), torch_ref.silu_and_mul(gu.float())
         _check_rel(section, "silu_and_mul", f"x8192, {tag}", out, ref, rtol)
 
 
@@ -192,33 +198,96 @@ def _sdpa(q, k, v, causal: bool):
     raise RuntimeError("no SDPA backend accepted the shapes")
 
 
-def attention_vs_sdpa(section: Section, device: torch.device, quick: bool) -> None:
-    """Same shapes: Triton over shuffled 16-token pages vs SDPA over contiguous K/V."""
+SDPA_SHAPES = [  # name, num_seqs, context, query len, Hq, Hkv, D
+    ("prefill", 4, 2048, 2048, 32, 8, 128),
+    ("prefill", 4, 2048, 2048, 32, 8, 64),
+    ("decode", 32, 2048, 1, 32, 8, 128),
+    ("decode", 128, 1024, 1, 32, 8, 64),
+    ("decode", 1, 8192, 1, 32, 8, 128),
+]
+SMALL_SHAPES = [("prefill", 2, 64, 64, 4, 2, 64), ("decode", 4, 200, 1, 4, 2, 64)]
+
+
+def _attention_case(device, name, num_seqs, ctx, qlen, hq, hkv, d):
+    """(shape label, triton_fn(plan=None), sdpa_fn, sdpa backend, default plan)."""
     from tandem.kernels import triton_attn as ta
 
-    shapes = [  # name, num_seqs, context, query len, Hq, Hkv, D
-        ("prefill", 4, 2048, 2048, 32, 8, 128),
-        ("prefill", 4, 2048, 2048, 32, 8, 64),
-        ("decode", 32, 2048, 1, 32, 8, 128),
-        ("decode", 128, 1024, 1, 32, 8, 64),
-        ("decode", 1, 8192, 1, 32, 8, 128),
-    ]
-    if device.type == "cpu":
-        shapes = [("prefill", 2, 64, 64, 4, 2, 64), ("decode", 4, 200, 1, 4, 2, 64)]
-    for name, num_seqs, ctx, qlen, hq, hkv, d in shapes[::2] if quick else shapes:
-        runs = [(ctx - qlen, qlen)] * num_seqs
-        meta, cache, q = make_batch(runs, 16, hq, hkv, d, BF16, device)
-        pages, scale = ta.head_major(cache), d**-0.5
+    runs = [(ctx - qlen, qlen)] * num_seqs
+    meta, cache, q = make_batch(runs, 16, hq, hkv, d, BF16, device)
+    pages, scale = ta.head_major(cache), d**-0.5
 
-        def triton_fn(q=q, pages=pages, meta=meta, scale=scale):
-            return ta.paged_attention(
-                q, pages, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-                meta.max_query_len, meta.max_seq_len, scale,
-            )  # fmt: skip
+    def triton_fn(plan=None):
+        return ta.paged_attention(
+            q, pages, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+            meta.max_query_len, meta.max_seq_len, scale, plan=plan,
+        )  # fmt: skip
 
-        qs = q.view(num_seqs, qlen, hq, d).transpose(1, 2)
-        k, v = torch.randn(2, num_seqs, hkv, ctx, d, device=device, dtype=BF16).unbind(0)
-        sdpa_fn, backend = _sdpa(qs, k, v, causal=qlen > 1)
+    qs = q.view(num_seqs, qlen, hq, d).transpose(1, 2)
+    k, v = torch.randn(2, num_seqs, hkv, ctx, d, device=device, dtype=BF16).unbind(0)
+    sdpa_fn, backend = _sdpa(qs, k, v, causal=qlen > 1)
+    plan = ta.plan_attention(num_seqs, qlen, ctx, hkv, hq // hkv, d, ta.num_sms(device))
+    label = f"{name} {num_seqs}x{qlen} q, ctx {ctx}, {hq}/{hkv}h d{d} bf16"
+    return label, triton_fn, sdpa_fn, backend, plan
+
+
+def attention_vs_sdpa(section: Section, device: torch.device, quick: bool) -> None:
+    """Same shapes: Triton over shuffled 16-token pages vs SDPA over contiguous K/V; each
+    timed host-synced per call (launch overhead in) and replayed from a CUDA graph (the
+    device time alone, as the engine's decode steps run)."""
+    shapes = SMALL_SHAPES if device.type == "cpu" else SDPA_SHAPES
+    for shape in shapes[::2] if quick else shapes:
+        label, triton_fn, sdpa_fn, backend, _ = _attention_case(device, *shape)
         t_triton, t_sdpa = bench_ms(triton_fn, device), bench_ms(sdpa_fn, device)
-        shape = f"{name} {num_seqs}x{qlen} q, ctx {ctx}, {hq}/{hkv}h d{d} bf16"
-        section.add(shape, f"{t_triton:.3f}", f"{t_sdpa:.3f} ({backend})", t_sdpa / t_triton)
+        g_triton, g_sdpa = bench_graph_ms(triton_fn, device), bench_graph_ms(sdpa_fn, device)
+        section.add(label, f"{t_triton:.3f}", f"{t_sdpa:.3f} ({backend})", t_sdpa / t_triton,
+                    f"{g_triton:.4f}", f"{g_sdpa:.4f}", g_sdpa / g_triton)  # fmt: skip
+
+
+def _sweep_plans(plan, qlen: int):
+    """Launch plans around `plan`: key-tile width, warps, pipelining depth, and for
+    short runs the split count; for long runs, rows per program and the old
+    mask-every-tile loop."""
+    if qlen == 1:
+        grid = [dict(tile_n=n, num_warps=w, num_stages=st) for n in (32, 64, 128)
+                for w in (2, 4, 8) for st in (2, 3, 4)]  # fmt: skip
+        splits = {1, max(1, plan.num_splits // 2), plan.num_splits, min(32, 2 * plan.num_splits)}
+        grid += [dict(num_splits=n) for n in sorted(splits)]
+    else:
+        grid = [dict(block_m=m, block_q=m // (plan.block_m // plan.block_q), tile_n=n,
+                     num_warps=w, num_stages=st)
+                for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for st in (2, 3)]  # fmt: skip
+        grid.append(dict(mask_all=True))
+    return [dataclasses.replace(plan, **change) for change in grid]
+
+
+def attention_sweep(section: Section, device: torch.device, budget_s: float = 100.0) -> None:
+    """Graph-replayed time of each plan around the default one, per SDPA shape: the
+    default's time, the best plan and its time, SDPA's (configs that fail to compile are
+    counted and skipped; the sweep stops at budget_s)."""
+    t_end = time.perf_counter() + budget_s
+    shapes = SMALL_SHAPES if device.type == "cpu" else [SDPA_SHAPES[i] for i in (0, 2, 4, 3)]
+    for shape in shapes:
+        label, triton_fn, sdpa_fn, _, plan = _attention_case(device, *shape)
+        base, sdpa = bench_graph_ms(triton_fn, device), bench_graph_ms(sdpa_fn, device)
+        plans = _sweep_plans(plan, shape[3])
+        if device.type == "cpu":
+            plans = plans[:2]
+        best, best_ms, failed, tried = plan, base, 0, 0
+        for p in plans:
+            if time.perf_counter() > t_end:
+                break
+            tried += 1
+            try:
+                ms = bench_graph_ms(lambda p=p, fn=triton_fn: fn(p), device)
+            except Exception:  # noqa: BLE001 - out of shared memory, registers, ...
+                failed += 1
+                continue
+            if ms < best_ms:
+                best, best_ms = p, ms
+        section.add(label, _plan_text(plan), f"{base:.4f}", _plan_text(best), f"{best_ms:.4f}",
+                    f"{sdpa:.4f}", f"{tried}/{len(plans)} ({failed} failed)")  # fmt: skip
+
+
+def _plan_text(p) -> str:
+    text = f"m{p.block_m} q{p.block_q} n{p.tile_n} s{p.num_splits} w{p.num_warps} st{p.num_stages}"
+    return text + (" mask-all" if p.mask_all else "")

@@ -123,6 +123,36 @@ def bench_ms(fn: Callable[[], object], device: torch.device, reps: int = 20, war
     return statistics.median(times)
 
 
+def bench_graph_ms(fn: Callable[[], object], device: torch.device, inner: int = 10,
+                   reps: int = 15) -> float:  # fmt: skip
+    """Median device time of fn() in ms, from a CUDA graph of `inner` calls replayed
+    `reps` times between events: launch overhead left out, as in the engine's graph
+    replays. Falls back to bench_ms off CUDA."""
+    if device.type != "cuda":
+        return bench_ms(fn, device, reps=3, warmup=1)
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):  # warm-up (compiles) outside the capture
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / inner)
+    del graph
+    return statistics.median(times)
+
+
 def copy_bandwidth(device: torch.device, mib: int = 1024) -> float:
     """Measured device copy bandwidth in bytes/s: (read + write) of a `mib` MiB buffer."""
     src = torch.empty(mib << 18, dtype=torch.float32, device=device)

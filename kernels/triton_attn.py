@@ -23,6 +23,7 @@ token-major (2, NB, BS, Hkv, D) cache are both served (see head_major / token_ma
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -130,6 +131,45 @@ def _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
+@triton.jit
+def _attend_tile(
+    q, k_cache_ptr, v_cache_ptr, table, head_off, t, kv_end, q_pos, dims, dim_ok,
+    m_i, l_i, acc, qk_scale, stride_cb, stride_cs,
+    BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """One key tile t folded into the online softmax (m_i, l_i, acc). MASKED: apply the
+    causal and length mask (tiles that some row sees only in part)."""
+    keys = t * TILE_N + tl.arange(0, TILE_N)
+    key_ok = keys < kv_end
+    blocks = tl.load(table + keys // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
+    offs = blocks * stride_cb + (keys % BLOCK_SIZE) * stride_cs + head_off
+    k = tl.load(
+        k_cache_ptr + offs[None, :] + dims[:, None],
+        mask=key_ok[None, :] & dim_ok[:, None],
+        other=0.0,
+    )
+    if UPCAST:
+        k = k.to(tl.float32)
+    s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+    if MASKED:
+        s = tl.where((keys[None, :] <= q_pos[:, None]) & key_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(
+        v_cache_ptr + offs[:, None] + dims[None, :],
+        mask=key_ok[:, None] & dim_ok[None, :],
+        other=0.0,
+    )
+    if UPCAST:
+        v = v.to(tl.float32)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
 @triton.jit(do_not_specialize=["num_seqs"])
 def _paged_attn_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
@@ -139,7 +179,7 @@ def _paged_attn_kernel(
     GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
     TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, MASK_ALL: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -175,34 +215,22 @@ def _paged_attn_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max, log2 domain
         l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(s - m_i)
         acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
-        for t in range(t_lo, t_hi):
-            keys = t * TILE_N + tl.arange(0, TILE_N)
-            key_ok = keys < kv_end
-            blocks = tl.load(table + keys // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
-            offs = blocks * stride_cb + (keys % BLOCK_SIZE) * stride_cs + head_off
-            k = tl.load(
-                k_cache_ptr + offs[None, :] + dims[:, None],
-                mask=key_ok[None, :] & dim_ok[:, None],
-                other=0.0,
-            )
-            if UPCAST:
-                k = k.to(tl.float32)
-            s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
-            s = tl.where((keys[None, :] <= q_pos[:, None]) & key_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(
-                v_cache_ptr + offs[:, None] + dims[None, :],
-                mask=key_ok[:, None] & dim_ok[None, :],
-                other=0.0,
-            )
-            if UPCAST:
-                v = v.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
+        # tiles every row sees whole (all keys <= the first row's position) need no mask
+        t_full = (context + q_first + 1) // TILE_N
+        if MASK_ALL:
+            t_full = t_lo
+        for t in range(t_lo, tl.minimum(t_hi, t_full)):
+            m_i, l_i, acc = _attend_tile(
+                q, k_cache_ptr, v_cache_ptr, table, head_off, t, kv_end, q_pos, dims, dim_ok,
+                m_i, l_i, acc, qk_scale, stride_cb, stride_cs,
+                BLOCK_SIZE, TILE_N, DOT_PRECISION, UPCAST, False,
+            )  # fmt: skip
+        for t in range(tl.maximum(t_lo, t_full), t_hi):
+            m_i, l_i, acc = _attend_tile(
+                q, k_cache_ptr, v_cache_ptr, table, head_off, t, kv_end, q_pos, dims, dim_ok,
+                m_i, l_i, acc, qk_scale, stride_cb, stride_cs,
+                BLOCK_SIZE, TILE_N, DOT_PRECISION, UPCAST, True,
+            )  # fmt: skip
         if NUM_SPLITS == 1:
             out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
             dst = out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :]
@@ -256,8 +284,11 @@ class AttnPlan:
     tile_n: int  # keys per inner iteration
     num_splits: int  # split-K ranges (1 = no split)
     num_warps: int
+    num_stages: int = 3  # software-pipelining depth of the key loop
+    mask_all: bool = False  # mask every key tile, not just those some row sees in part
 
 
+@functools.lru_cache(maxsize=4096)
 def plan_attention(
     num_seqs: int, max_query_len: int, max_seq_len: int, num_kv_heads: int, group: int,
     head_dim: int, num_sms: int,
@@ -283,14 +314,15 @@ def plan_attention(
 def paged_attention(
     q: torch.Tensor, cache: PagedCache, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
     block_tables: torch.Tensor, max_query_len: int, max_seq_len: int, scale: float,
-    out: torch.Tensor | None = None, num_splits: int | None = None,
+    out: torch.Tensor | None = None, num_splits: int | None = None, plan: AttnPlan | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Causal attention of q (T, Hq, D) over paged K/V -> out (T, Hq, D), q's dtype.
 
     query_start_loc (S+1,) int32, seq_lens (S,) int32 (context after the step, the
     step's K/V already written), block_tables (S, max_blocks) int32. Query token i of a
     run of n ending at seq_len L attends to keys 0..L-n+i. num_splits: force the split-K
-    range count (None = plan_attention's choice).
+    range count (None = plan_attention's choice); plan: the whole launch plan instead
+    of plan_attention's (for tuning).
     """
     num_tokens, num_heads, head_dim = q.shape
     if num_heads % cache.num_kv_heads or head_dim != cache.head_dim or q.stride(-1) != 1:
@@ -302,10 +334,11 @@ def paged_attention(
     if num_tokens == 0:
         return out
     num_seqs, group = seq_lens.shape[0], num_heads // cache.num_kv_heads
-    plan = plan_attention(
-        num_seqs, max_query_len, max_seq_len, cache.num_kv_heads, group, head_dim,
-        num_sms(q.device),
-    )  # fmt: skip
+    if plan is None:
+        plan = plan_attention(
+            num_seqs, max_query_len, max_seq_len, cache.num_kv_heads, group, head_dim,
+            num_sms(q.device),
+        )  # fmt: skip
     splits = plan.num_splits if num_splits is None else num_splits
     dim_p = triton.next_power_of_2(head_dim)
     parts = _split_buffers(num_tokens * num_heads * splits, dim_p, q.device, splits > 1)
@@ -318,8 +351,8 @@ def paged_attention(
         GROUP=group, BLOCK_SIZE=cache.block_size, HEAD_DIM=head_dim, HEAD_DIM_P=dim_p,
         BLOCK_M=plan.block_m, BLOCK_Q=plan.block_q, TILE_N=plan.tile_n, NUM_SPLITS=splits,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST=INTERPRETED and q.dtype == torch.bfloat16,
-        num_warps=plan.num_warps,
+        UPCAST=INTERPRETED and q.dtype == torch.bfloat16, MASK_ALL=plan.mask_all,
+        num_warps=plan.num_warps, num_stages=plan.num_stages,
     )  # fmt: skip
     if splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](
