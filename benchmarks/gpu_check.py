@@ -91,7 +91,7 @@ def model_section(section: Section, args, device: torch.device, state: dict, tmp
     head_dim = size["hidden_size"] // size["num_attention_heads"]
     per_block = 2 * size["num_hidden_layers"] * size["num_key_value_heads"] * head_dim * 16
     per_block *= 2 if dtype == torch.bfloat16 else 4
-    max_blocks = max(b * -(-(args.ctx + args.steps + 8) // 16) for b in args.batches)
+    max_blocks = max(b * -(-(args.ctx + args.steps + 16) // 16) for b in args.batches)
     max_blocks = max(max_blocks, args.prefill[0] * -(-args.prefill[1] // 16), 256)
     try:
         runner = model.make_runner(tmp, device, args.dtype, args.backend, max_blocks * per_block)
@@ -116,6 +116,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--backend", default="triton", help="Tandem attention backend to run")
     p.add_argument("--budget-s", type=float, default=270.0, help="skip sections past this")
     p.add_argument(
+        "--compare-plans",
+        action="store_true",
+        help="decode also with the attention tiles from before their tuning",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="add a decode-step breakdown (host, device, profiler kernels)",
@@ -135,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     args.prefill = (2, 64) if cpu else ((4, 2048) if args.quick else (8, 2048))
     report = Report(f"Tandem GPU check ({args.device}{', quick' if args.quick else ''})",
                     args.out, args.budget_s)  # fmt: skip
-    state: dict = {"device": device}
+    state: dict = {}
     report.run("Device", ["measure", "value"], lambda s: device_section(s, device, state))
     report.run(
         "Kernels vs torch reference on the device (max abs error)",
@@ -150,6 +155,11 @@ def main(argv: list[str] | None = None) -> None:
         lambda s: kernels.attention_vs_sdpa(s, device, args.quick),
         need_s=15,
     )  # fmt: skip
+    if args.sweep_s > 0:
+        csv = None if args.out is None else args.out.with_suffix(".sweep.csv")
+        header = ["shape", "default plan", "ms", "best plan", "ms", "SDPA ms", "plans tried"]
+        report.run("Triton attention launch plans (CUDA-graph replay, ms)", header,
+                   lambda s: kernels.attention_sweep(s, device, args.sweep_s, csv))  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="tandem-gpu-check-") as tmp:
         report.run("Model", ["measure", "value"], lambda s: model_section(s, args, device, state, Path(tmp)), need_s=40)  # fmt: skip
         _model_sections(report, args, state)
@@ -190,6 +200,16 @@ def _model_sections(report: Report, args, state: dict) -> None:
         for batch, eager in runs:  # one failing batch size must not hide the others
             _noted(section, f"batch {batch}", model.decode_throughput, section, runner, batch,
                    args.ctx, args.steps, copy_bw, eager)  # fmt: skip
+        if args.compare_plans and runner.backend.name == "triton":
+            mode = "graphs" if runner.graphs else "eager"
+            with model.untuned_attention_plans(runner):
+                for batch in args.batches:
+                    _noted(section, f"batch {batch}, untuned plans", model.decode_throughput,
+                           section, runner, batch, args.ctx, args.steps, copy_bw, False,
+                           f"{mode}, untuned attention")  # fmt: skip
+            for batch in args.batches:  # and tuned again: drift shows as a change here
+                _noted(section, f"batch {batch}", model.decode_throughput, section, runner,
+                       batch, args.ctx, args.steps, copy_bw, False, f"{mode} (again)")  # fmt: skip
 
     header = ["batch", "ctx", "mode", "step ms", "tok/s", "GB read/step", "of copy BW"]
     report.run("Decode throughput (greedy, host sync per step)", header, need_runner(decode), need_s=20)  # fmt: skip
@@ -197,6 +217,10 @@ def _model_sections(report: Report, args, state: dict) -> None:
     def prefill(section, runner):
         peaks = [("nominal", state.get("nominal")), ("measured matmul", state.get("matmul"))]
         model.prefill_throughput(section, runner, *args.prefill, peaks)
+        if args.compare_plans and runner.backend.name == "triton":
+            with model.untuned_attention_plans(runner):
+                model.prefill_throughput(section, runner, *args.prefill, peaks, "untuned attention")
+            model.prefill_throughput(section, runner, *args.prefill, peaks, "again")
 
     header = ["seqs x tokens", "step ms", "tok/s", "TFLOP/s", "fraction of bf16 peak"]
     report.run("Prefill throughput", header, need_runner(prefill), need_s=10)
@@ -210,10 +234,6 @@ def _model_sections(report: Report, args, state: dict) -> None:
 
         header = ["batch", "what", "ms / step", "detail"]
         report.run("Decode step breakdown", header, need_runner(breakdown), need_s=15)
-    if args.sweep_s > 0:
-        header = ["shape", "default plan", "ms", "best plan", "ms", "SDPA ms", "plans tried"]
-        report.run("Triton attention launch plans (CUDA-graph replay, ms)", header,
-                   lambda s: kernels.attention_sweep(s, state["device"], args.sweep_s))  # fmt: skip
 
 
 if __name__ == "__main__":

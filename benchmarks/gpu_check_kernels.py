@@ -243,32 +243,51 @@ def attention_vs_sdpa(section: Section, device: torch.device, quick: bool) -> No
                     f"{g_triton:.4f}", f"{g_sdpa:.4f}", g_sdpa / g_triton)  # fmt: skip
 
 
-def _sweep_plans(plan, qlen: int):
-    """Launch plans around `plan`: key-tile width, warps, pipelining depth, and for
-    short runs the split count; for long runs, rows per program and the old
-    mask-every-tile loop."""
-    if qlen == 1:
-        grid = [dict(tile_n=n, num_warps=w, num_stages=st) for n in (32, 64, 128)
-                for w in (2, 4, 8) for st in (2, 3, 4)]  # fmt: skip
-        splits = {1, max(1, plan.num_splits // 2), plan.num_splits, min(32, 2 * plan.num_splits)}
-        grid += [dict(num_splits=n) for n in sorted(splits)]
+def _sweep_plans(plan, qlen: int) -> list:
+    """Launch plans around `plan`: key-tile width, warps and pipelining depth, and for
+    long runs rows per program and the loop that masks every key tile."""
+    if qlen <= 8:
+        grid = [dict(tile_n=n, num_stages=st) for n in (32, 64, 128) for st in (1, 2, 3)]
+        grid += [dict(tile_n=n, num_stages=2, num_warps=w) for n in (64, 128) for w in (2, 8)]
     else:
-        grid = [dict(block_m=m, block_q=m // (plan.block_m // plan.block_q), tile_n=n,
-                     num_warps=w, num_stages=st)
-                for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for st in (2, 3)]  # fmt: skip
-        grid.append(dict(mask_all=True))
-    return [dataclasses.replace(plan, **change) for change in grid]
+        group = plan.block_m // plan.block_q
+        grid = [dict(block_m=m, block_q=m // group, tile_n=n, num_warps=w, num_stages=st)
+                for m in (64, 128) for n in (32, 64) for w in (4, 8) for st in (2, 3)]  # fmt: skip
+        grid += [dict(mask_all=True), dict(block_m=128, block_q=128 // group, tile_n=64,
+                                           num_warps=8, num_stages=3, mask_all=True)]  # fmt: skip
+    plans = [dataclasses.replace(plan, **change) for change in grid]
+    return [p for i, p in enumerate(plans) if p != plan and p not in plans[:i]]
 
 
-def attention_sweep(section: Section, device: torch.device, budget_s: float = 100.0) -> None:
-    """Graph-replayed time of each plan around the default one, per SDPA shape: the
-    default's time, the best plan and its time, SDPA's (configs that fail to compile are
-    counted and skipped; the sweep stops at budget_s)."""
+SWEEP_SHAPES = [  # the 1.1B model's decode shapes (d64; graphs plan for 4096 keys), then SDPA's
+    ("decode", 128, 512, 1, 32, 8, 64),
+    ("decode", 32, 512, 1, 32, 8, 64),
+    ("decode", 1, 512, 1, 32, 8, 64),
+    ("decode", 32, 2048, 1, 32, 8, 128),
+    ("decode", 1, 8192, 1, 32, 8, 128),
+    ("prefill", 4, 2048, 2048, 32, 8, 128),
+    ("prefill", 4, 2048, 2048, 32, 8, 64),
+]
+
+
+def attention_sweep(section: Section, device: torch.device, budget_s: float = 100.0,
+                    csv_path=None) -> None:  # fmt: skip
+    """Graph-replayed time of each plan around the default one, per shape: the default's
+    time, the best plan and its time, SDPA's (configs that fail to compile are counted and
+    skipped; the sweep stops at budget_s). Every plan's time goes to csv_path."""
+    from tandem.kernels import triton_attn as ta
+
     t_end = time.perf_counter() + budget_s
-    shapes = SMALL_SHAPES if device.type == "cpu" else [SDPA_SHAPES[i] for i in (0, 2, 4, 3)]
+    shapes = SMALL_SHAPES if device.type == "cpu" else SWEEP_SHAPES
+    lines = ["shape,plan,ms"]
     for shape in shapes:
         label, triton_fn, sdpa_fn, _, plan = _attention_case(device, *shape)
-        base, sdpa = bench_graph_ms(triton_fn, device), bench_graph_ms(sdpa_fn, device)
+        if shape[3] == 1 and shape[2] <= 512:  # as captured in a graph: tiles for 4096 keys
+            _, num_seqs, _, _, hq, hkv, d = shape
+            plan = ta.plan_attention(num_seqs, 1, 4096, hkv, hq // hkv, d, ta.num_sms(device))
+        base = bench_graph_ms(lambda fn=triton_fn, p=plan: fn(p), device)
+        sdpa = bench_graph_ms(sdpa_fn, device)
+        lines += [f'"{label}",default {_plan_text(plan)},{base:.5f}', f'"{label}",SDPA,{sdpa:.5f}']
         plans = _sweep_plans(plan, shape[3])
         if device.type == "cpu":
             plans = plans[:2]
@@ -281,11 +300,15 @@ def attention_sweep(section: Section, device: torch.device, budget_s: float = 10
                 ms = bench_graph_ms(lambda p=p, fn=triton_fn: fn(p), device)
             except Exception:  # noqa: BLE001 - out of shared memory, registers, ...
                 failed += 1
+                lines.append(f'"{label}",{_plan_text(p)},failed')
                 continue
+            lines.append(f'"{label}",{_plan_text(p)},{ms:.5f}')
             if ms < best_ms:
                 best, best_ms = p, ms
         section.add(label, _plan_text(plan), f"{base:.4f}", _plan_text(best), f"{best_ms:.4f}",
                     f"{sdpa:.4f}", f"{tried}/{len(plans)} ({failed} failed)")  # fmt: skip
+        if csv_path is not None:
+            csv_path.write_text("\n".join(lines) + "\n")
 
 
 def _plan_text(p) -> str:

@@ -9,11 +9,13 @@ directory and loaded through Tandem's own loader.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
 
 import torch
+import triton
 
 from benchmarks.gpu_check_report import Section, sync
 from tandem.engine.config import EngineConfig
@@ -61,10 +63,13 @@ class Blocks:
     """Hands each sequence its own run of KV block ids."""
 
     block_size: int
+    limit: int | None = None  # the KV pool's blocks
     next: int = 0
 
     def take(self, num_tokens: int) -> list[int]:
         n = -(-num_tokens // self.block_size)
+        if self.limit is not None and self.next + n > self.limit:
+            raise ValueError(f"the KV pool has {self.limit} blocks, this needs {self.next + n}")
         self.next += n
         return list(range(self.next - n, self.next))
 
@@ -86,7 +91,7 @@ def hf_greedy(model, prompt: list[int], n: int):
 
 def tandem_greedy(runner: ModelRunner, prompts: list[list[int]], n: int) -> list[list[int]]:
     """Greedy continuations of all prompts, batched: one prefill step, then decodes."""
-    blocks = Blocks(runner.block_size)
+    blocks = Blocks(runner.block_size, runner.num_blocks)
     tables = [blocks.take(len(p) + n) for p in prompts]
     seqs = [RunSeq(p, 0, t, len(p) - 1) for p, t in zip(prompts, tables, strict=True)]
     out: list[list[int]] = [[] for _ in prompts]
@@ -103,7 +108,7 @@ def tandem_windows(runner: ModelRunner, prompts, continuations) -> list[list[int
     """Teacher-forced: prefill each prompt, then feed the HF continuation in windows of
     WINDOW tokens per step (uniform verify windows: the CUDA-graph path); the argmax
     after every fed token."""
-    blocks = Blocks(runner.block_size)
+    blocks = Blocks(runner.block_size, runner.num_blocks)
     tables = [blocks.take(len(p) + len(c)) for p, c in zip(prompts, continuations, strict=True)]
     seqs = [RunSeq(p, 0, t, len(p) - 1) for p, t in zip(prompts, tables, strict=True)]
     inp = build_model_input(seqs, runner.block_size, runner.device)
@@ -125,7 +130,7 @@ def graph_vs_eager(runner: ModelRunner, prompts, continuations) -> dict:
     with eager's own plan (another float32 summation order). Returns the max abs logit
     differences, whether argmax agrees, and eager's smallest top-2 margin where it
     does not."""
-    blocks = Blocks(runner.block_size)
+    blocks = Blocks(runner.block_size, runner.num_blocks)
     tables = [blocks.take(len(p) + WINDOW) for p in prompts]
     seqs = [RunSeq(p, 0, t, len(p)) for p, t in zip(prompts, tables, strict=True)]
     runner.execute(build_model_input(seqs, runner.block_size, runner.device))
@@ -252,10 +257,10 @@ def _prefill(runner: ModelRunner, tables, ctx: int, chunk_tokens: int) -> list[i
 
 
 def decode_throughput(section: Section, runner, batch: int, ctx: int, steps: int, copy_bw: float,
-                      eager: bool = False) -> None:  # fmt: skip
+                      eager: bool = False, label: str | None = None) -> None:  # fmt: skip
     """Mean time of `steps` decode steps of `batch` sequences at ~ctx context: input
     building, forward, greedy pick and the step's one host sync included."""
-    blocks = Blocks(runner.block_size)
+    blocks = Blocks(runner.block_size, runner.num_blocks)
     tables = [blocks.take(ctx + steps + 4) for _ in range(batch)]
     tokens = _prefill(runner, tables, ctx, 16384)
     graphs, runner.graphs = runner.graphs, None if eager else runner.graphs
@@ -276,13 +281,58 @@ def decode_throughput(section: Section, runner, batch: int, ctx: int, steps: int
     step_bytes = weight_bytes_per_step(runner) + batch * (pos - steps // 2) * kv_bytes_per_token(
         runner
     )
-    section.add(batch, ctx, "eager" if eager or graphs is None else "graphs", step_s * 1e3,
+    mode = label or ("eager" if eager or graphs is None else "graphs")
+    section.add(batch, ctx, mode, step_s * 1e3,
                 batch / step_s, step_bytes / 1e9, step_bytes / step_s / copy_bw)  # fmt: skip
 
 
-def prefill_throughput(section: Section, runner, num_seqs: int, seq_len: int, peaks) -> None:
+def _first_plan(num_seqs, max_query_len, max_seq_len, num_kv_heads, group, head_dim, num_sms):
+    """plan_attention as first written, before the H200 sweep (to compare with)."""
+    from tandem.kernels import triton_attn as ta
+
+    # the split count did not change
+    tuned = _TUNED[0](num_seqs, max_query_len, max_seq_len, num_kv_heads, group, head_dim, num_sms)
+    dim_p = triton.next_power_of_2(head_dim)
+    cap = 64 if dim_p >= 256 else 128
+    block_m = max(16, triton.next_power_of_2(group))
+    block_m = min(max(block_m, triton.next_power_of_2(max_query_len * group)), max(cap, block_m))
+    block_q = max(1, block_m // group)
+    tile_n = 64 if block_m >= 64 and dim_p <= 128 else 32
+    num_warps = 8 if block_m * dim_p >= 128 * 128 else 4
+    return ta.AttnPlan(block_m, block_q, tile_n, tuned.num_splits, num_warps, 3)
+
+
+@contextlib.contextmanager
+def untuned_attention_plans(runner: ModelRunner):
+    """Within: Triton attention plans as before the H200 sweep. CUDA graphs keep the
+    plan they were captured with, so the runner gets a fresh set in a fresh memory pool
+    (the tuned set is put back on exit; the untuned one is kept alive, not freed, as
+    freeing graphs of a shared pool trips an allocator assert in torch 2.11)."""
+    from tandem.kernels import triton_attn as ta
+
+    tuned = _TUNED[0] = ta.plan_attention
+    graphs = runner.graphs
+    saved = None if graphs is None else (graphs.graphs, graphs.pool)
+    ta.plan_attention = _first_plan
+    if graphs is not None:
+        graphs.graphs, graphs.pool = {}, torch.cuda.graph_pool_handle()
+    try:
+        yield
+    finally:
+        ta.plan_attention = tuned
+        if graphs is not None:
+            _KEEP.append(graphs.graphs)
+            graphs.graphs, graphs.pool = saved
+
+
+_KEEP: list = []
+_TUNED: list = [None]  # the real plan_attention while _first_plan stands in for it
+
+
+def prefill_throughput(section: Section, runner, num_seqs: int, seq_len: int, peaks,
+                       label: str = "") -> None:  # fmt: skip
     """num_seqs prompts of seq_len tokens in one step (logits for the last token each)."""
-    blocks = Blocks(runner.block_size)
+    blocks = Blocks(runner.block_size, runner.num_blocks)
     tables = [blocks.take(seq_len) for _ in range(num_seqs)]
     seqs = [RunSeq([3 + i % 400 for i in range(seq_len)], 0, t, seq_len - 1) for t in tables]
 
@@ -302,5 +352,5 @@ def prefill_throughput(section: Section, runner, num_seqs: int, seq_len: int, pe
     attn = m.num_layers * num_seqs * 2 * m.args.num_heads * m.head_dim * seq_len**2
     flops = 2 * params * tokens + attn
     fracs = [f"{flops / step_s / p:.2f} of {p / 1e12:.0f}T {name}" for name, p in peaks if p]
-    section.add(f"{num_seqs}x{seq_len}", step_s * 1e3, tokens / step_s, flops / step_s / 1e12,
+    section.add(f"{num_seqs}x{seq_len}" + (f" ({label})" if label else ""), step_s * 1e3, tokens / step_s, flops / step_s / 1e12,
                 "; ".join(fracs))  # fmt: skip

@@ -21,8 +21,8 @@ from tandem.engine.model_input import RunSeq, build_model_input
 
 
 def decode_breakdown(section: Section, runner, batch: int, ctx: int, steps: int) -> None:
-    blocks = Blocks(runner.block_size)
-    tables = [blocks.take(ctx + 3 * steps + 16) for _ in range(batch)]
+    blocks = Blocks(runner.block_size, runner.num_blocks)
+    tables = [blocks.take(ctx + steps + 16) for _ in range(batch)]
     tokens = _prefill(runner, tables, ctx, 16384)
     pos = ctx
     cuda = runner.device.type == "cuda"

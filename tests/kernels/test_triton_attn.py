@@ -60,12 +60,12 @@ def reference(q, cache, meta, scale):
     return torch_ref.paged_attention(q.float(), cache.float(), meta, scale)
 
 
-def run_triton(ta, q, cache, meta, scale, num_splits=None, layout="head"):
+def run_triton(ta, q, cache, meta, scale, num_splits=None, layout="head", plan=None):
     pages = ta.head_major(cache) if layout == "head" else ta.token_major(cache)
     out = torch.full_like(q, float("nan"))
     ret = ta.paged_attention(
         q, pages, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-        meta.max_query_len, meta.max_seq_len, scale, out=out, num_splits=num_splits,
+        meta.max_query_len, meta.max_seq_len, scale, out=out, num_splits=num_splits, plan=plan,
     )  # fmt: skip
     assert ret is out
     assert not out.isnan().any(), "some output elements were never written"
@@ -105,6 +105,27 @@ def test_split_k_matches_torch(ta, num_splits, dtype):
     )
 
 
+@pytest.mark.parametrize(
+    "change",
+    [dict(mask_all=True), dict(tile_n=16), dict(tile_n=128, num_stages=1),
+     dict(block_m=32, block_q=8, tile_n=64)],
+)  # fmt: skip
+def test_any_launch_plan_matches_torch(ta, change):
+    """Plans other than the default (the GPU check's sweep times them): narrower and
+    wider key tiles, fewer rows per program, and the loop that masks every key tile."""
+    import dataclasses
+
+    meta, cache, q = make_batch(MANY, 16, 16, 4, 64, torch.float16, seed=3)
+    default = ta.plan_attention(
+        meta.seq_lens.shape[0], meta.max_query_len, meta.max_seq_len, 4, 4, 64, 1
+    )
+    plan = dataclasses.replace(default, **change)
+    out = run_triton(ta, q, cache, meta, 0.125, plan=plan)
+    torch.testing.assert_close(
+        out.float(), reference(q, cache, meta, 0.125), atol=ATOL[torch.float16], rtol=0
+    )
+
+
 def test_token_major_layout_gives_the_same_result(ta):
     """The flash-attn/NPU page layout (2, NB, BS, Hkv, D) through the same kernel."""
     meta, cache, q = make_batch(MANY[:6], 16, 8, 2, 64, torch.float16, seed=2)
@@ -120,11 +141,17 @@ def test_plan_splits_only_short_runs_over_long_contexts(ta):
     assert plan(1, 1, 600, 8, 4, 128, 132).num_splits == 2  # >= 256 keys per split
     assert plan(256, 1, 4096, 8, 4, 128, 132).num_splits == 1  # enough programs already
     assert plan(1, 64, 4096, 8, 4, 128, 132).num_splits == 1  # prefill chunk: no split
-    p = plan(4, 512, 512, 8, 4, 128, 132)
-    assert (p.block_m, p.block_q, p.tile_n) == (128, 32, 64)
+    p = plan(4, 512, 512, 8, 4, 64, 132)  # prefill, head_dim 64: 128 rows, 64-key tiles
+    assert (p.block_m, p.block_q, p.tile_n, p.num_warps) == (128, 32, 64, 8)
+    p = plan(4, 512, 512, 8, 4, 128, 132)  # head_dim 128: 64 rows, 32-key tiles
+    assert (p.block_m, p.block_q, p.tile_n, p.num_warps) == (64, 16, 32, 4)
     p = plan(4, 1, 512, 2, 8, 64, 132)  # decode, GQA 8: 16 rows = 2 tokens x 8 heads
     assert (p.block_m, p.block_q) == (16, 2)
     assert plan(4, 512, 512, 1, 4, 256, 132).block_m == 64  # head_dim 256: smaller tiles
+    # decodes and verify windows stream keys in wide tiles, 2 stages deep
+    assert (p.tile_n, p.num_stages) == (128, 2)
+    p = plan(4, 5, 512, 8, 4, 128, 132)
+    assert (p.block_m, p.tile_n, p.num_stages) == (32, 64, 2)
 
 
 def test_rejects_q_that_does_not_fit_the_cache(ta):
