@@ -245,7 +245,7 @@ def attention_vs_sdpa(section: Section, device: torch.device, quick: bool) -> No
 
 def _sweep_plans(plan, qlen: int) -> list:
     """Launch plans around `plan`: key-tile width, warps and pipelining depth, and for
-    long runs rows per program and the loop that masks every key tile."""
+    long runs rows per program."""
     if qlen <= 8:
         grid = [dict(tile_n=n, num_stages=st) for n in (32, 64, 128) for st in (1, 2, 3)]
         grid += [dict(tile_n=n, num_stages=2, num_warps=w) for n in (64, 128) for w in (2, 8)]
@@ -253,8 +253,6 @@ def _sweep_plans(plan, qlen: int) -> list:
         group = plan.block_m // plan.block_q
         grid = [dict(block_m=m, block_q=m // group, tile_n=n, num_warps=w, num_stages=st)
                 for m in (64, 128) for n in (32, 64) for w in (4, 8) for st in (2, 3)]  # fmt: skip
-        grid += [dict(mask_all=True), dict(block_m=128, block_q=128 // group, tile_n=64,
-                                           num_warps=8, num_stages=3, mask_all=True)]  # fmt: skip
     plans = [dataclasses.replace(plan, **change) for change in grid]
     return [p for i, p in enumerate(plans) if p != plan and p not in plans[:i]]
 
@@ -312,5 +310,4 @@ def attention_sweep(section: Section, device: torch.device, budget_s: float = 10
 
 
 def _plan_text(p) -> str:
-    text = f"m{p.block_m} q{p.block_q} n{p.tile_n} s{p.num_splits} w{p.num_warps} st{p.num_stages}"
-    return text + (" mask-all" if p.mask_all else "")
+    return f"m{p.block_m} q{p.block_q} n{p.tile_n} s{p.num_splits} w{p.num_warps} st{p.num_stages}"

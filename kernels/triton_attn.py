@@ -179,7 +179,7 @@ def _paged_attn_kernel(
     GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
     TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, MASK_ALL: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -217,8 +217,6 @@ def _paged_attn_kernel(
         acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
         # tiles every row sees whole (all keys <= the first row's position) need no mask
         t_full = (context + q_first + 1) // TILE_N
-        if MASK_ALL:
-            t_full = t_lo
         for t in range(t_lo, tl.minimum(t_hi, t_full)):
             m_i, l_i, acc = _attend_tile(
                 q, k_cache_ptr, v_cache_ptr, table, head_off, t, kv_end, q_pos, dims, dim_ok,
@@ -285,7 +283,6 @@ class AttnPlan:
     num_splits: int  # split-K ranges (1 = no split)
     num_warps: int
     num_stages: int = 3  # software-pipelining depth of the key loop
-    mask_all: bool = False  # mask every key tile, not just those some row sees in part
 
 
 @functools.lru_cache(maxsize=4096)
@@ -365,7 +362,7 @@ def paged_attention(
         GROUP=group, BLOCK_SIZE=cache.block_size, HEAD_DIM=head_dim, HEAD_DIM_P=dim_p,
         BLOCK_M=plan.block_m, BLOCK_Q=plan.block_q, TILE_N=plan.tile_n, NUM_SPLITS=splits,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST=INTERPRETED and q.dtype == torch.bfloat16, MASK_ALL=plan.mask_all,
+        UPCAST=INTERPRETED and q.dtype == torch.bfloat16,
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )  # fmt: skip
     if splits > 1:

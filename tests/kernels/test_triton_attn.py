@@ -107,12 +107,12 @@ def test_split_k_matches_torch(ta, num_splits, dtype):
 
 @pytest.mark.parametrize(
     "change",
-    [dict(mask_all=True), dict(tile_n=16), dict(tile_n=128, num_stages=1),
+    [dict(tile_n=16), dict(tile_n=128, num_stages=1),
      dict(block_m=32, block_q=8, tile_n=64)],
 )  # fmt: skip
 def test_any_launch_plan_matches_torch(ta, change):
     """Plans other than the default (the GPU check's sweep times them): narrower and
-    wider key tiles, fewer rows per program, and the loop that masks every key tile."""
+    wider key tiles, fewer rows per program."""
     import dataclasses
 
     meta, cache, q = make_batch(MANY, 16, 16, 4, 64, torch.float16, seed=3)
