@@ -9,13 +9,22 @@ alone is attributed to the constant term, not to "per token".
 
 `StepCostModel` holds the two fits the controller needs:
 
-    target_time = c0 + c_tok * batched_tokens + c_ctx * context_tokens
+    target_time = c0 + c_tok * batched_tokens + c_draft * verify_tokens + c_ctx * context_tokens
     draft_time  = d_fwd * draft_forwards + d_tok * draft_tokens
 
-where context_tokens = sum over sequences of the KV length their queries read, and a
+where verify_tokens are the drafts among the batched tokens, context_tokens = sum over
+sequences of the KV length their queries read, and a
 draft forward is one call of the draft model (the catch-up forward, then one per
 extra draft position), so a draft step by batch size b costs d_fwd + d_tok * b. A
 step where nobody speculates runs no draft forward at all.
+
+c_draft is what a verified draft costs beyond any other token. With one per-token term,
+fitted over prefill chunks too, a window token looked cheap: on the built-in pair on
+CPU, at 64 requests, a k = 1 step added 0.18 ms per window token where the term said
+0.10, and the fit made up the difference in its constant, putting the k = 0 step at
+17-19 ms where 14-16 were measured; so speculating looked like it paid. c_draft has a
+ridge of its own (WINDOW_RIDGE) that holds it near 0 until verification steps show
+otherwise; while nobody speculates it is not observed and keeps what it learned.
 """
 
 from __future__ import annotations
@@ -30,21 +39,23 @@ class OnlineLinearModel:
         self,
         scales: list[float],
         prior: list[float] | None = None,
-        ridge: float = 1e-3,
+        ridge: float | list[float] = 1e-3,
         decay: float = 0.98,
     ) -> None:
         """scales: typical magnitude of each feature (> 0); prior: coefficients the
-        ridge pulls towards (default 0); decay in (0, 1]: weight of the past per update."""
+        ridge pulls towards (default 0); ridge: its strength in scaled units, one for all
+        features or one each; decay in (0, 1]: weight of the past per update."""
         if not scales or any(s <= 0 for s in scales):
             raise ValueError(f"scales must be positive, got {scales}")
-        if not 0 < decay <= 1 or ridge <= 0:
-            raise ValueError(f"need 0 < decay <= 1 and ridge > 0, got {decay} and {ridge}")
         n = len(scales)
+        ridges = [ridge] * n if isinstance(ridge, int | float) else list(ridge)
+        if not 0 < decay <= 1 or len(ridges) != n or any(r <= 0 for r in ridges):
+            raise ValueError(f"need 0 < decay <= 1 and {n} ridges > 0, got {decay}, {ridge}")
         self.scales = list(scales)
         self.prior = list(prior) if prior is not None else [0.0] * n
         if len(self.prior) != n:
             raise ValueError(f"prior has {len(self.prior)} entries for {n} features")
-        self.ridge = ridge
+        self.ridge = ridges
         self.decay = decay
         self._xx = [[0.0] * n for _ in range(n)]  # sum of w * z z^T, z = x / scales
         self._xy = [0.0] * n  # sum of w * z y
@@ -70,10 +81,10 @@ class OnlineLinearModel:
             n = len(self.scales)
             prior_z = [p * s for p, s in zip(self.prior, self.scales, strict=True)]
             a = [
-                [self._xx[i][j] + (self.ridge if i == j else 0.0) for j in range(n)]
+                [self._xx[i][j] + (self.ridge[i] if i == j else 0.0) for j in range(n)]
                 for i in range(n)
             ]
-            b = [self._xy[i] + self.ridge * prior_z[i] for i in range(n)]
+            b = [self._xy[i] + self.ridge[i] * prior_z[i] for i in range(n)]
             theta_z = solve(a, b)
             self._coef = [t / s for t, s in zip(theta_z, self.scales, strict=True)]
         return self._coef
@@ -117,6 +128,9 @@ def _clip(model: OnlineLinearModel, x: list[float], y: float) -> float:
     return min(y, OUTLIER * max(model.predict(x), 0.0) + 1e-4)
 
 
+WINDOW_RIDGE = 1.0  # pull of the verified-draft term towards 0, in scaled units
+
+
 @dataclass(slots=True)
 class StepFeatures:
     """What a step computed, as the cost model sees it."""
@@ -125,6 +139,16 @@ class StepFeatures:
     context_tokens: int  # sum over sequences of the KV length their queries read
     draft_forwards: int  # draft-model calls (0 without a draft model)
     draft_tokens: int  # tokens over all draft-model calls
+    verify_tokens: int = 0  # of batched_tokens, the drafts verified
+
+    def target_x(self) -> list[float]:
+        """The target fit's features: 1, tokens, verified drafts, context tokens."""
+        return [
+            1.0,
+            float(self.batched_tokens),
+            float(self.verify_tokens),
+            float(self.context_tokens),
+        ]
 
 
 @dataclass(slots=True)
@@ -144,7 +168,11 @@ class StepCostModel:
     """Target and draft step times, fitted online (see the module docstring)."""
 
     def __init__(self, decay: float = 0.98) -> None:
-        self.target = OnlineLinearModel([1.0, 64.0, 4096.0], decay=decay)
+        # a verified draft costs the per-token term plus this one's, held near 0 unless
+        # the data insist (while nobody speculates it is not observed at all)
+        self.target = OnlineLinearModel(
+            [1.0, 64.0, 64.0, 4096.0], ridge=[1e-3, 1e-3, WINDOW_RIDGE, 1e-3], decay=decay
+        )
         self.draft = OnlineLinearModel([1.0, 64.0], decay=decay)
 
     @property
@@ -158,14 +186,14 @@ class StepCostModel:
         another process on the same cores says little about what the next step costs.
         Draft times are not clipped: their per-token term is often unexcited (a catch-up
         forward over a large backlog is rare), and clipping that step would hide it."""
-        x_target = [1.0, f.batched_tokens, f.context_tokens]
+        x_target = f.target_x()
         self.target.observe(x_target, _clip(self.target, x_target, target_time_s))
         if f.draft_forwards:
             self.draft.observe([float(f.draft_forwards), float(f.draft_tokens)], draft_time_s)
 
     def predict(self, f: StepFeatures) -> float:
         """Predicted seconds of a step (target + draft), never below 0."""
-        t = self.target.predict([1.0, f.batched_tokens, f.context_tokens])
+        t = self.target.predict(f.target_x())
         d = self.draft.predict([f.draft_forwards, f.draft_tokens]) if f.draft_forwards else 0.0
         return max(t, 0.0) + max(d, 0.0)
 
@@ -174,7 +202,7 @@ class StepCostModel:
         catch_up_tokens: what the draft model's catch-up forward would compute if it
         ran (None: no draft model). Per-unit costs are clipped at 0: a noisy fit must
         not make drafts look cheaper than free."""
-        _, c_tok, c_ctx = self.target.coef
+        _, c_tok, c_draft, c_ctx = self.target.coef
         catch_up = d_fwd = d_tok = 0.0
         if catch_up_tokens is not None:
             d_fwd, d_tok = (max(c, 0.0) for c in self.draft.coef)
@@ -183,7 +211,7 @@ class StepCostModel:
             base_time=max(self.predict(base), 1e-9),
             # one more query token and one more context token: clip the sum, not each
             # term (tokens and context are collinear at a fixed batch; each alone is noisy)
-            per_draft_token=max(c_tok + c_ctx, 0.0),
+            per_draft_token=max(c_tok + c_draft + c_ctx, 0.0),
             draft_catch_up=catch_up,
             per_draft_forward=d_fwd,
             per_draft_row=d_tok,

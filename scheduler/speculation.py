@@ -16,6 +16,17 @@ draft_computed`): the catch-up it would cost is part of the step's predicted tim
 choice of k weighs the steady-state catch-up (this step's tokens), the backlog being
 paid once. While nobody speculates, no probe observes acceptance either; so one request
 gets one exploring draft when that costs little (`_explore`).
+
+With the draft model the controller's bar is higher than the step's predicted goodput:
+it compares the goodput of the step's decode work (a prompt chunk in the same step costs
+the same whatever k is), a choice to speculate must beat k = 0 by more than the cost
+model's recent relative error (`_beyond_noise`), and the cost model prices a verified
+draft apart from other tokens (cost_model.py). At 64 requests on the built-in pair on
+CPU these took the draft model from 0.85-0.89x of no speculation to 0.96-1.01x, and
+1.46x to 1.56x at one request (benchmarks/RESULTS.md). The n-gram proposer keeps the
+plain rules: with these it measured 4-8% slower at 64 requests in three of four A/B
+rounds (its windows are longer; a window's cost probably has a per-sequence part that
+one per-token term charges to long windows too).
 """
 
 from __future__ import annotations
@@ -34,11 +45,14 @@ from tandem.scheduler.spec_control import (
     Candidate,
     RequestSpec,
     choose_k,
+    predicted_goodput,
 )
 
 EXPLORE_FREE_LOSS = 0.05  # predicted goodput an exploring step may always give up
 EXPLORE_EVERY = 32  # steps without speculation (draft model) before a dearer one
 EXPLORE_MAX_LOSS = 0.2  # most predicted goodput that one may give up
+PREDICTION_ERROR_START = 0.05  # relative step-time error assumed before any is measured
+PREDICTION_ERROR_WEIGHT = 0.05  # EWMA weight of one step's error
 
 
 @dataclass(slots=True)
@@ -83,6 +97,7 @@ class SpecPlanner:
         self.reset_stats()
         self._planned: _Planned | None = None  # the step planned last
         self._idle_steps = 0  # steps since the draft model last ran (draft method)
+        self.prediction_error = PREDICTION_ERROR_START  # EWMA of |measured / predicted - 1|
         self.forced_k: int | None = None  # set by the start-up warm-up (scheduler/
         # warm_up.py): every decode gets this k, and its steps teach the cost model only
 
@@ -184,19 +199,44 @@ class SpecPlanner:
             return _fit_budget([c.max_k for c in cands], budget)
         if not self.costs.ready or not cands:
             return [0] * len(cands)  # nothing measured yet: the first step learns
-        base = self._features(plans, None)
-        base_tokens = sum(1 for sp in plans if sp.sample)
+        # With the draft model the ratio weighs decode work only: a prompt chunk in the
+        # same step costs what it costs whatever k is, and counting its time in the
+        # step's base lowers the bar that speculation must clear (at 64 requests, where
+        # most steps carry a new request's chunk, speculation then won steps in which it
+        # lost time)
+        draft_model = catch_up is not None
+        decoding = [sp for sp in plans if len(sp.token_ids) == 1 or not draft_model]
+        base = self._features(decoding, None)
+        base_tokens = sum(1 for sp in decoding if sp.sample)
+        if not base_tokens:
+            return [0] * len(cands)
         # The choice weighs the catch-up a speculating step costs in steady state (this
         # step's tokens) plus the backlog of steps in which the draft rested spread over
         # the steps the requests still run: it is paid once, and charging it all to one
         # step would keep speculation off for good once the backlog grew.
         steady = None
         if catch_up is not None:
-            steady = base.batched_tokens + max(catch_up - base.batched_tokens, 0) / horizon
-        ks = choose_k(cands, self.costs.marginal(base, steady), base_tokens, budget)
+            step_tokens = sum(len(sp.token_ids) for sp in plans)
+            steady = step_tokens + max(catch_up - step_tokens, 0) / horizon
+        costs = self.costs.marginal(base, steady)
+        ks = choose_k(cands, costs, base_tokens, budget)
+        if any(ks) and draft_model:
+            ks = self._beyond_noise(ks, cands, costs, base_tokens)
         if catch_up is not None and not any(ks) and budget > 0:
             ks = self._explore(ks, cands, self.costs.marginal(base, catch_up), base_tokens)
         return ks
+
+    def _beyond_noise(
+        self, ks: list[int], cands: list[Candidate], costs: MarginalCosts, base_tokens: int
+    ) -> list[int]:
+        """ks if their predicted gain over k = 0 exceeds the cost model's relative error
+        (EWMA of |measured / predicted - 1| over recent steps), else k = 0 for all. A
+        choice made on a prediction is biased towards where the prediction erred: at
+        64 requests, the steps the controller chose to speculate in were those whose
+        k = 0 time the fit had put high (18.4 ms predicted there; 16.0 measured in the
+        steps it did not), and a gain of 10% inside that noise lost time."""
+        gain = predicted_goodput(ks, cands, costs, base_tokens) * costs.base_time / base_tokens
+        return ks if gain > 1 + self.prediction_error else [0] * len(ks)
 
     def _explore(
         self, ks: list[int], cands: list[Candidate], costs: MarginalCosts, base_tokens: int
@@ -254,6 +294,7 @@ class SpecPlanner:
             context_tokens=context,
             draft_forwards=depth if runs else 0,
             draft_tokens=(catch_up or 0) + drafts - speculating if runs else 0,
+            verify_tokens=drafts if self.spec.uses_draft_model else 0,
         )
 
     # ---- learning ------------------------------------------------------------------
@@ -304,6 +345,8 @@ class SpecPlanner:
         features = self._features(plan.seqs, planned.catch_up)
         self.costs.observe(features, target_s, result.draft_time_s)
         if planned.predicted_s is not None and self.forced_k is None:
+            err = min(abs(step_time_s / max(planned.predicted_s, 1e-9) - 1.0), 1.0)
+            self.prediction_error += PREDICTION_ERROR_WEIGHT * (err - self.prediction_error)
             with self._lock:
                 self._stats.predicted_step_time_s += planned.predicted_s
                 self._stats.measured_step_time_s += step_time_s

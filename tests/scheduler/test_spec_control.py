@@ -230,3 +230,35 @@ def test_unexcited_direction_goes_to_the_constant():
     assert costs.per_draft_token < 0.0001
     assert costs.draft_catch_up == pytest.approx(0.0008, rel=0.02)
     assert costs.per_draft_row < 0.00002
+
+
+def test_a_feature_with_its_own_ridge_stays_at_its_prior_until_excited():
+    m = OnlineLinearModel([1.0, 64.0], prior=[0.0, 0.5], ridge=[1e-3, 10.0])
+    for _ in range(60):
+        m.observe([1.0, 0.0], 2.0)  # the second feature never varies from 0
+    assert m.coef == pytest.approx([2.0, 0.5], abs=1e-3)
+    with pytest.raises(ValueError):
+        OnlineLinearModel([1.0, 64.0], ridge=[1e-3])
+
+
+def test_verified_drafts_dearer_than_other_tokens_are_learned_and_the_base_kept():
+    """Decodes at varying batch sizes, prompt chunks and speculating steps, where a
+    verified draft costs 0.1 ms more than any other token (on CPU windows split the
+    attention and pad). One shared per-token term would sit between the two costs and
+    misplace the k = 0 step; with the verified-draft term both come out right."""
+    rng = random.Random(2)
+    m = StepCostModel()
+
+    def truth(f: StepFeatures) -> float:
+        return 0.005 + 0.0001 * f.batched_tokens + 0.0001 * f.verify_tokens
+
+    for _ in range(300):
+        batch = rng.randint(8, 64)
+        drafts = rng.choice([0, 0, batch, 2 * batch])
+        chunk = rng.choice([0, 0, 0, rng.randint(16, 256)])
+        f = StepFeatures(batch + drafts + chunk, 100 * batch, 0, 0, verify_tokens=drafts)
+        m.observe(f, truth(f) * rng.uniform(0.97, 1.03), 0.0)
+    base = StepFeatures(64, 6400, 0, 0)
+    costs = m.marginal(base, None)
+    assert costs.base_time == pytest.approx(truth(base), rel=0.05)
+    assert costs.per_draft_token == pytest.approx(0.0002, rel=0.15)

@@ -57,7 +57,7 @@ def test_warm_up_calibrates_and_leaves_nothing_behind(method):
     assert {len(p.seqs) for p in ex.plans} == {1, 4}
     costs = planner.costs
     assert costs.target.num_observations >= 16  # enough for outlier clipping to apply
-    c0, c_tok, c_ctx = costs.target.coef
+    c0, c_tok, _, c_ctx = costs.target.coef
     assert c0 == pytest.approx(C0, rel=0.05) and c_tok == pytest.approx(C_TOK, rel=0.2)
     if method == "draft":
         # (d_tok is weakly excited: a few tokens a forward; the predictions are what count)
