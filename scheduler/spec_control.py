@@ -170,18 +170,48 @@ def choose_k(
     if top <= best_g * costs.per_draft_token:
         return best
     probs = [_cumulative(c) for c in cands]
+    goodput = _goodput_of(probs, costs, base_tokens)
     depth_limit = min(max(len(p) for p in probs), budget)
     for depth in range(1, depth_limit + 1):
         lam, ks = best_g, None
-        for _ in range(50):  # Dinkelbach; converges in a few rounds
+        for i in range(50):  # Dinkelbach; converges in a few rounds
             resp = _best_response(probs, depth, lam, costs, budget)
-            g = predicted_goodput(resp, cands, costs, base_tokens)
+            if i == 0 and max(resp, default=0) < depth:
+                # no draft at this depth pays even at the best goodput so far; deeper
+                # positions are no likelier and cost as much, so no deeper depth pays
+                return best
+            g = goodput(resp)
             if g <= lam * (1 + 1e-12):
                 break
             lam, ks = g, resp
         if ks is not None and lam > best_g:
             best_g, best = lam, ks
     return best
+
+
+def _goodput_of(probs: list[list[float]], costs: MarginalCosts, base_tokens: float):
+    """predicted_goodput as a function of ks, for candidates with these P(first j
+    accepted): O(len(ks)) a call, from prefix sums."""
+    sums = []
+    for p in probs:
+        acc, row = 0.0, [0.0]
+        for x in p:
+            acc += x
+            row.append(acc)
+        sums.append(row)
+
+    def goodput(ks: list[int]) -> float:
+        tokens = base_tokens + sum(row[k] for row, k in zip(sums, ks, strict=True))
+        drafts = sum(ks)
+        time = costs.base_time + costs.per_draft_token * drafts
+        depth = max(ks, default=0)
+        if depth:
+            speculating = sum(1 for k in ks if k)
+            time += costs.draft_catch_up + costs.per_draft_forward * (depth - 1)
+            time += costs.per_draft_row * (drafts - speculating)
+        return tokens / time
+
+    return goodput
 
 
 def _cumulative(c: Candidate) -> list[float]:
