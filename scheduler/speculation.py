@@ -22,8 +22,10 @@ it compares the goodput of the step's decode work (a prompt chunk in the same st
 the same whatever k is), a choice to speculate must beat k = 0 by more than the cost
 model's recent relative error (`_beyond_noise`), and the cost model prices a verified
 draft apart from other tokens (cost_model.py). At 64 requests on the built-in pair on
-CPU these took the draft model from 0.85-0.89x of no speculation to 0.96-1.01x, and
-1.46x to 1.56x at one request (benchmarks/RESULTS.md). The n-gram proposer keeps the
+CPU, in A/B rounds against the plain rules, these took the draft model from 0.86-0.89x
+of no speculation to 0.96-1.01x, and from 1.46x to 1.56x at one request; a whole-table
+run afterwards still measured 0.89x at 64, inside that host's run-to-run spread
+(benchmarks/RESULTS.md). The n-gram proposer keeps the
 plain rules: with these it measured 4-8% slower at 64 requests in three of four A/B
 rounds (its windows are longer; a window's cost probably has a per-sequence part that
 one per-token term charges to long windows too).
