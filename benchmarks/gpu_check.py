@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     if args.sweep_s > 0:
         csv = None if args.out is None else args.out.with_suffix(".sweep.csv")
-        header = ["shape", "default plan", "ms", "best plan", "ms", "SDPA ms", "plans tried"]
+        header = ["shape", "default plan", "default ms", "best plan", "best ms", "SDPA ms",
+                  "plans tried"]  # fmt: skip
         report.run("Triton attention launch plans (CUDA-graph replay, ms)", header,
                    lambda s: kernels.attention_sweep(s, device, args.sweep_s, csv))  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="tandem-gpu-check-") as tmp:

@@ -2,7 +2,8 @@
 # The GPU check on a lent machine (its own torch, triton and transformers; no network):
 #   bash benchmarks/gpu_run.sh [gpu_check flags]     # table and log under $OUT (or /tmp/gpu-out)
 # Tandem is put on PYTHONPATH through a symlinked tandem/ folder (the editable install's
-# namespace finder did not resolve there, 2026-11-27); only engine/ and kernels/ are used.
+# namespace finder did not resolve there, 2026-11-27); all four packages are linked, the
+# check imports only engine/ and kernels/.
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT" /tmp/tandem-path/tandem

@@ -288,31 +288,35 @@ class AttnPlan:
 @functools.lru_cache(maxsize=4096)
 def plan_attention(
     num_seqs: int, max_query_len: int, max_seq_len: int, num_kv_heads: int, group: int,
-    head_dim: int, num_sms: int,
+    head_dim: int, num_sms: int, elem_bytes: int = 2,
 ) -> AttnPlan:  # fmt: skip
     """Tiles for a step; split-K when short runs over long contexts leave SMs idle
     (fewer than 2 programs per SM without it).
 
     Tile sizes, warps and pipelining depth were chosen by the GPU check's sweep on an
-    H200 (graph-replayed, benchmarks/RESULTS.md); head_dim 256 and short prefill chunks
-    keep the first, unswept choice."""
+    H200 in bf16 (graph-replayed, benchmarks/RESULTS.md) for decodes, verify windows
+    and runs of 64 rows or more; head_dim 256, float32 (4-byte tiles would need up to
+    4x the shared memory) and runs of fewer rows keep the first, unswept choice."""
     dim_p = triton.next_power_of_2(head_dim)
     short = max_query_len <= MAX_SPLIT_QUERY_LEN  # decodes and verify windows
-    cap = 128 if dim_p <= 64 else 64
+    swept = elem_bytes <= 2 and dim_p <= 128
+    cap = 128 if dim_p <= 64 or (not swept and dim_p <= 128) else 64
     block_m = max(16, triton.next_power_of_2(group))
     block_m = min(max(block_m, triton.next_power_of_2(max_query_len * group)), max(cap, block_m))
     block_q = max(1, block_m // group)
-    if short and dim_p <= 128:
-        # few rows per program: stream keys in wide tiles, more bytes in flight
-        # (25-40% faster than 32-key tiles at 3 stages)
+    if swept and short:
+        # few rows per program: stream keys in wide tiles, more bytes in flight (26-29%
+        # faster than 32-key tiles at 3 stages at d64, 12-14% at d128; one loss: 18%
+        # slower at batch 1 over short contexts split 16 ways, as graphs plan)
         tile_n, num_warps, num_stages = (128 if dim_p <= 64 else 64), 4, 2
-    elif block_m >= 64 and dim_p <= 64:
+    elif swept and block_m >= 64 and dim_p <= 64:
         tile_n, num_warps, num_stages = 64, 8 if block_m >= 128 else 4, 3
-    elif block_m >= 64 and dim_p == 128:
+    elif swept and block_m >= 64:
         tile_n, num_warps, num_stages = 32, 4, 2
     else:
-        tile_n, num_stages = 32, 3
+        tile_n = 64 if block_m >= 64 and dim_p <= 128 else 32
         num_warps = 8 if block_m * dim_p >= 128 * 128 else 4
+        num_stages = 3
     num_splits = 1
     if max_query_len <= MAX_SPLIT_QUERY_LEN:
         programs = num_seqs * -(-max_query_len // block_q) * num_kv_heads
@@ -348,7 +352,7 @@ def paged_attention(
     if plan is None:
         plan = plan_attention(
             num_seqs, max_query_len, max_seq_len, cache.num_kv_heads, group, head_dim,
-            num_sms(q.device),
+            num_sms(q.device), q.element_size(),
         )  # fmt: skip
     splits = plan.num_splits if num_splits is None else num_splits
     dim_p = triton.next_power_of_2(head_dim)

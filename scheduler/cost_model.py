@@ -24,7 +24,10 @@ CPU, at 64 requests, a k = 1 step added 0.18 ms per window token where the term 
 0.10, and the fit made up the difference in its constant, putting the k = 0 step at
 17-19 ms where 14-16 were measured; so speculating looked like it paid. c_draft has a
 ridge of its own (WINDOW_RIDGE) that holds it near 0 until verification steps show
-otherwise; while nobody speculates it is not observed and keeps what it learned.
+otherwise. While nobody speculates it is not observed, and as the old steps' weight
+decays the ridge would pull it back to 0 (drafts would look cheap again after a few
+hundred steps); so each step with verified drafts moves the ridge's target to the
+current fit, and c_draft keeps what it last learned.
 """
 
 from __future__ import annotations
@@ -91,6 +94,11 @@ class OnlineLinearModel:
 
     def predict(self, x: list[float]) -> float:
         return sum(c * xi for c, xi in zip(self.coef, x, strict=True))
+
+    def set_prior(self, i: int, value: float) -> None:
+        """Move the value the ridge pulls coefficient i towards."""
+        self.prior[i] = value
+        self._coef = None
 
     def _scaled(self, x: list[float]) -> list[float]:
         if len(x) != len(self.scales):
@@ -188,6 +196,8 @@ class StepCostModel:
         forward over a large backlog is rare), and clipping that step would hide it."""
         x_target = f.target_x()
         self.target.observe(x_target, _clip(self.target, x_target, target_time_s))
+        if f.verify_tokens:
+            self.target.set_prior(2, max(self.target.coef[2], 0.0))
         if f.draft_forwards:
             self.draft.observe([float(f.draft_forwards), float(f.draft_tokens)], draft_time_s)
 

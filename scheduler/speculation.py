@@ -232,7 +232,9 @@ class SpecPlanner:
         self, ks: list[int], cands: list[Candidate], costs: MarginalCosts, base_tokens: int
     ) -> list[int]:
         """ks if their predicted gain over k = 0 exceeds the cost model's relative error
-        (EWMA of |measured / predicted - 1| over recent steps), else k = 0 for all. A
+        (EWMA of |measured / predicted - 1| over recent whole steps: where prompt chunks
+        make steps longer than their decode work, the bar is that much lower), else
+        k = 0 for all. A
         choice made on a prediction is biased towards where the prediction erred: at
         64 requests, the steps the controller chose to speculate in were those whose
         k = 0 time the fit had put high (18.4 ms predicted there; 16.0 measured in the

@@ -152,6 +152,12 @@ def test_plan_splits_only_short_runs_over_long_contexts(ta):
     assert (p.tile_n, p.num_stages) == (128, 2)
     p = plan(4, 5, 512, 8, 4, 128, 132)
     assert (p.block_m, p.tile_n, p.num_stages) == (32, 64, 2)
+    # float32 keeps the first, unswept tiles (4-byte tiles would need up to 4x the
+    # shared memory of the bf16 ones the sweep chose)
+    p = plan(4, 5, 512, 8, 4, 128, 132, 4)
+    assert (p.block_m, p.tile_n, p.num_stages) == (32, 32, 3)
+    p = plan(4, 512, 512, 8, 4, 128, 132, 4)
+    assert (p.block_m, p.block_q, p.tile_n, p.num_warps) == (128, 32, 64, 8)
 
 
 def test_rejects_q_that_does_not_fit_the_cache(ta):

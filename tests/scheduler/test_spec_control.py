@@ -262,3 +262,28 @@ def test_verified_drafts_dearer_than_other_tokens_are_learned_and_the_base_kept(
     costs = m.marginal(base, None)
     assert costs.base_time == pytest.approx(truth(base), rel=0.05)
     assert costs.per_draft_token == pytest.approx(0.0002, rel=0.15)
+
+
+def test_the_verified_draft_cost_is_kept_while_nobody_speculates():
+    """Learned from windows, then hundreds of steps without drafts: the old steps'
+    weight decays, and the verified-draft term must not fall back to 0 with it."""
+    rng = random.Random(3)
+    m = StepCostModel()
+
+    def truth(f: StepFeatures) -> float:
+        return 0.005 + 0.0001 * f.batched_tokens + 0.0001 * f.verify_tokens
+
+    for _ in range(200):
+        batch = rng.randint(8, 64)
+        drafts = rng.choice([0, batch, 2 * batch])
+        context = batch * rng.randint(50, 500)  # requests at different lengths
+        f = StepFeatures(batch + drafts, context, 0, 0, verify_tokens=drafts)
+        m.observe(f, truth(f), 0.0)
+    learned = m.marginal(StepFeatures(64, 6400, 0, 0), None).per_draft_token
+    assert learned == pytest.approx(0.0002, rel=0.15)
+    for _ in range(500):
+        batch = rng.randint(8, 64)
+        f = StepFeatures(batch, batch * rng.randint(50, 500), 0, 0)
+        m.observe(f, truth(f), 0.0)
+    kept = m.marginal(StepFeatures(64, 6400, 0, 0), None).per_draft_token
+    assert kept == pytest.approx(learned, rel=0.15)
