@@ -241,26 +241,33 @@ def test_a_feature_with_its_own_ridge_stays_at_its_prior_until_excited():
         OnlineLinearModel([1.0, 64.0], ridge=[1e-3])
 
 
+def dear_drafts(f: StepFeatures) -> float:
+    """Step seconds where a verified draft costs 0.1 ms more than any other token."""
+    return 0.005 + 0.0001 * f.batched_tokens + 0.0001 * f.verify_tokens
+
+
+def observe_steps(m: StepCostModel, rng: random.Random, n: int, drafts, chunks, noise=0.0):
+    """n steps of 8-64 decodes at mixed lengths: drafts(batch) verified drafts and
+    chunks() prompt-chunk tokens each, timed by dear_drafts (times 1 +- noise)."""
+    for _ in range(n):
+        batch = rng.randint(8, 64)
+        d, chunk = drafts(batch), chunks()
+        context = batch * rng.randint(50, 500)
+        f = StepFeatures(batch + d + chunk, context, 0, 0, verify_tokens=d)
+        m.observe(f, dear_drafts(f) * rng.uniform(1 - noise, 1 + noise), 0.0)
+
+
 def test_verified_drafts_dearer_than_other_tokens_are_learned_and_the_base_kept():
-    """Decodes at varying batch sizes, prompt chunks and speculating steps, where a
-    verified draft costs 0.1 ms more than any other token (on CPU windows split the
-    attention and pad). One shared per-token term would sit between the two costs and
-    misplace the k = 0 step; with the verified-draft term both come out right."""
+    """Decodes at varying batch sizes, prompt chunks and speculating steps. One shared
+    per-token term would sit between the two costs and misplace the k = 0 step; with
+    the verified-draft term both come out right."""
     rng = random.Random(2)
     m = StepCostModel()
-
-    def truth(f: StepFeatures) -> float:
-        return 0.005 + 0.0001 * f.batched_tokens + 0.0001 * f.verify_tokens
-
-    for _ in range(300):
-        batch = rng.randint(8, 64)
-        drafts = rng.choice([0, 0, batch, 2 * batch])
-        chunk = rng.choice([0, 0, 0, rng.randint(16, 256)])
-        f = StepFeatures(batch + drafts + chunk, 100 * batch, 0, 0, verify_tokens=drafts)
-        m.observe(f, truth(f) * rng.uniform(0.97, 1.03), 0.0)
+    observe_steps(m, rng, 300, lambda b: rng.choice([0, 0, b, 2 * b]),
+                  lambda: rng.choice([0, 0, 0, rng.randint(16, 256)]), noise=0.03)  # fmt: skip
     base = StepFeatures(64, 6400, 0, 0)
     costs = m.marginal(base, None)
-    assert costs.base_time == pytest.approx(truth(base), rel=0.05)
+    assert costs.base_time == pytest.approx(dear_drafts(base), rel=0.05)
     assert costs.per_draft_token == pytest.approx(0.0002, rel=0.15)
 
 
@@ -269,21 +276,9 @@ def test_the_verified_draft_cost_is_kept_while_nobody_speculates():
     weight decays, and the verified-draft term must not fall back to 0 with it."""
     rng = random.Random(3)
     m = StepCostModel()
-
-    def truth(f: StepFeatures) -> float:
-        return 0.005 + 0.0001 * f.batched_tokens + 0.0001 * f.verify_tokens
-
-    for _ in range(200):
-        batch = rng.randint(8, 64)
-        drafts = rng.choice([0, batch, 2 * batch])
-        context = batch * rng.randint(50, 500)  # requests at different lengths
-        f = StepFeatures(batch + drafts, context, 0, 0, verify_tokens=drafts)
-        m.observe(f, truth(f), 0.0)
+    observe_steps(m, rng, 200, lambda b: rng.choice([0, b, 2 * b]), lambda: 0)
     learned = m.marginal(StepFeatures(64, 6400, 0, 0), None).per_draft_token
     assert learned == pytest.approx(0.0002, rel=0.15)
-    for _ in range(500):
-        batch = rng.randint(8, 64)
-        f = StepFeatures(batch, batch * rng.randint(50, 500), 0, 0)
-        m.observe(f, truth(f), 0.0)
+    observe_steps(m, rng, 500, lambda b: 0, lambda: 0)
     kept = m.marginal(StepFeatures(64, 6400, 0, 0), None).per_draft_token
     assert kept == pytest.approx(learned, rel=0.15)
