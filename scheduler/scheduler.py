@@ -26,7 +26,8 @@ from tandem.scheduler.config import SchedulerConfig
 from tandem.scheduler.kv_blocks import BlockPool, BlockPoolStats, HashFn, default_block_hash
 from tandem.scheduler.request import GenerateRequest, Request, RequestOutput, RequestStatus
 from tandem.scheduler.request_blocks import prefix_hits, register_full_blocks, trim_blocks
-from tandem.scheduler.speculation import SpecPlanner, SpecStats
+from tandem.scheduler.speculation import SpecPlanner
+from tandem.scheduler.stats import SpecStats
 
 
 class QueueFullError(RuntimeError):

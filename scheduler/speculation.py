@@ -34,7 +34,7 @@ one per-token term charges to long windows too).
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tandem.engine.plan import SeqPlan, SeqResult, StepPlan, StepResult
 from tandem.engine.spec_config import SpeculativeConfig
@@ -49,28 +49,13 @@ from tandem.scheduler.spec_control import (
     choose_k,
     predicted_goodput,
 )
+from tandem.scheduler.stats import SpecStats
 
 EXPLORE_FREE_LOSS = 0.05  # predicted goodput an exploring step may always give up
 EXPLORE_EVERY = 32  # steps without speculation (draft model) before a dearer one
 EXPLORE_MAX_LOSS = 0.2  # most predicted goodput that one may give up
 PREDICTION_ERROR_START = 0.05  # relative step-time error assumed before any is measured
 PREDICTION_ERROR_WEIGHT = 0.05  # EWMA weight of one step's error
-
-
-@dataclass(slots=True)
-class SpecStats:
-    """Speculation counters for metrics (vLLM's spec_decode_* names in comments)."""
-
-    num_drafts: int = 0  # request-steps that verified drafts (num_drafts)
-    num_draft_tokens: int = 0  # drafts verified (num_draft_tokens)
-    num_accepted_tokens: int = 0  # drafts kept (num_accepted_tokens)
-    accepted_per_pos: list[int] = field(default_factory=list)  # (K,) drafts kept at
-    # position j+1 (num_accepted_tokens_per_pos)
-    k_histogram: list[int] = field(default_factory=list)  # (K+1,) decoding request-steps
-    # that got each k
-    predicted_step_time_s: float = 0.0  # sum over measured steps of the predicted time
-    measured_step_time_s: float = 0.0  # sum over the same steps of the measured time
-    num_predicted_steps: int = 0  # steps with both a prediction and a measurement
 
 
 @dataclass(slots=True)

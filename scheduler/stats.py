@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(slots=True)
@@ -87,3 +87,19 @@ class StepStatsRecorder:
                 t.execute_time_s,
                 list(self._recent),
             )
+
+
+@dataclass(slots=True)
+class SpecStats:
+    """Speculation counters for metrics (vLLM's spec_decode_* names in comments)."""
+
+    num_drafts: int = 0  # request-steps that verified drafts (num_drafts)
+    num_draft_tokens: int = 0  # drafts verified (num_draft_tokens)
+    num_accepted_tokens: int = 0  # drafts kept (num_accepted_tokens)
+    accepted_per_pos: list[int] = field(default_factory=list)  # (K,) drafts kept at
+    # position j+1 (num_accepted_tokens_per_pos)
+    k_histogram: list[int] = field(default_factory=list)  # (K+1,) decoding request-steps
+    # that got each k
+    predicted_step_time_s: float = 0.0  # sum over measured steps of the predicted time
+    measured_step_time_s: float = 0.0  # sum over the same steps of the measured time
+    num_predicted_steps: int = 0  # steps with both a prediction and a measurement

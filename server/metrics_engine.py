@@ -27,8 +27,7 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from tandem.scheduler.core import EngineStats
     from tandem.scheduler.loop import ServingLoop
-    from tandem.scheduler.speculation import SpecStats
-    from tandem.scheduler.stats import StepTotals
+    from tandem.scheduler.stats import SpecStats, StepTotals
 
 STEP_HISTORY = 8192  # steps the engine keeps for the server (EngineCore stats_history)
 TOKEN_KINDS = ("prefill", "decode", "draft")  # the three parts of a step's token budget

@@ -17,7 +17,7 @@ from scheduler_fakes import greedy, make_core, run_to_end  # noqa: E402
 
 from tandem.scheduler.loop import EngineLoop  # noqa: E402
 from tandem.scheduler.request import GenerateRequest, RequestOutput  # noqa: E402
-from tandem.scheduler.speculation import SpecStats  # noqa: E402
+from tandem.scheduler.stats import SpecStats  # noqa: E402
 from tandem.server.metrics import ServerMetrics  # noqa: E402
 from tandem.server.metrics_engine import spec_families  # noqa: E402
 from tandem.server.request_stats import RequestTimes  # noqa: E402
