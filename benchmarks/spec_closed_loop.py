@@ -16,6 +16,7 @@ acceptance rate and P(first j drafts accepted); then the medians.
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 import time
@@ -33,6 +34,7 @@ from tandem.engine.spec_config import SpeculativeConfig
 from tandem.scheduler.config import SchedulerConfig
 from tandem.scheduler.core import EngineCore
 from tandem.scheduler.request import GenerateRequest
+from tandem.server.build import freeze_heap
 
 CONFIGS = ["off", "draft-fixed", "draft-goodput", "ngram-fixed", "ngram-goodput"]
 
@@ -45,7 +47,8 @@ def make_core(config: str) -> EngineCore:
             speculative_method=method, speculation_policy=policy, num_speculative_tokens=4
         )
     core = EngineCore(SchedulerConfig(), UniExecutor(EngineConfig(num_threads=1), spec), spec=spec)
-    core.warm_up()  # as the server does
+    core.warm_up()  # as the server does,
+    freeze_heap()  # both (main unfreezes after each run)
     return core
 
 
@@ -102,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
                     st = core.stats().scheduler.spec
                 finally:
                     core.shutdown()
+                    gc.unfreeze()  # the next configuration's core freezes its own heap
                 results[(config, c)].append(lat)
                 line = f"run {r} {config:14s} c={c:3d} latency {lat * 1e3:7.1f} ms"
                 if st is not None:

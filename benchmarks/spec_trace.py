@@ -26,6 +26,7 @@ from tandem.scheduler import speculation as S
 from tandem.scheduler.config import SchedulerConfig
 from tandem.scheduler.core import EngineCore
 from tandem.scheduler.request import GenerateRequest
+from tandem.server.build import freeze_heap
 
 torch.set_num_threads(1)
 tok = PreTrainedTokenizerFast.from_pretrained(BUILTIN_TARGET)
@@ -63,7 +64,8 @@ core = EngineCore(
     spec=spec,
     step_timer=time.perf_counter,
 )
-core.warm_up()  # as the server does (its forced steps are left out of the histogram)
+core.warm_up()  # as the server does (its forced steps are left out of the histogram),
+freeze_heap()  # both
 log.clear()
 for r in range(4):
     for i, p in enumerate(prompts):

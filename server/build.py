@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,10 +95,26 @@ def build_core(
     try:
         core = EngineCore(scheduler_config, executor, spec=spec)
         core.warm_up()
-        return core
     except BaseException:
         executor.shutdown()
         raise
+    freeze_heap()  # this process serves from here on
+    return core
+
+
+def freeze_heap() -> None:
+    """Take everything alive now out of the cyclic garbage collector's scans
+    (`gc.freeze`), once a serving process is ready.
+
+    Such a process holds a large start-up heap (torch, transformers, the models'
+    modules, the tokenizer), and a full collection walks all of it while every request
+    waits. Measured on the built-in pair with its draft model (2-core CPU, 64 requests
+    in a closed loop): one full collection took 228 ms, 5% of the run; with the heap
+    frozen the run's full collections took 0.3 ms each. What a step allocates is
+    short-lived and still collected. Frozen objects are freed as before when their
+    reference count drops; only a cycle among them would stay."""
+    gc.collect()
+    gc.freeze()
 
 
 def launch_engine_process(

@@ -204,7 +204,7 @@ def _engine_starter(
     def start() -> ServingEngine:  # runs in a worker thread: loads the model
         from tandem.scheduler.loop import EngineLoop
         from tandem.server.app import ServingEngine
-        from tandem.server.build import build_engine, launch_engine_process
+        from tandem.server.build import build_engine, freeze_heap, launch_engine_process
         from tandem.server.logs import configure_logging
         from tandem.server.metrics_engine import STEP_HISTORY
 
@@ -216,9 +216,13 @@ def _engine_starter(
             engine = launch_engine_process(
                 engine_cfg, sched_cfg, template, STEP_HISTORY, spec_cfg, log_setup=log_setup
             )
-            return ServingEngine(engine.loop, engine.tokenizer, engine.kv.max_model_len)
-        built = build_engine(engine_cfg, sched_cfg, template, STEP_HISTORY, spec_cfg)
-        return ServingEngine(EngineLoop(built.core), built.tokenizer, built.kv.max_model_len)
+            serving = ServingEngine(engine.loop, engine.tokenizer, engine.kv.max_model_len)
+        else:
+            built = build_engine(engine_cfg, sched_cfg, template, STEP_HISTORY, spec_cfg)
+            serving = ServingEngine(EngineLoop(built.core), built.tokenizer, built.kv.max_model_len)
+        freeze_heap()  # a full collection here would stall every stream (and, in-process,
+        # every step) for as long as it walks the start-up heap
+        return serving
 
     return start
 

@@ -2,7 +2,7 @@
 
 Every request completes (or, if invalid, gets OpenAI's error object with a 4xx), none
 gets a 5xx, cancelled streams are aborted in the engine, KV usage returns to 0 after
-each round, and two identical rounds do not grow the server's memory beyond a margin.
+each round, and identical rounds do not keep growing the server's memory.
 """
 
 from __future__ import annotations
@@ -14,15 +14,16 @@ import pytest
 from load_mix import make_mix, run_mix
 from openai_server_harness import MODEL_NAME, TandemServer, require_builtin_model
 
-ROUND = 80  # requests per round; a warm-up round, then two identical measured rounds
+ROUND = 80  # requests per round; a warm-up round, then three identical measured rounds
 CONCURRENCY = 16
-# RSS growth allowed between the two measured rounds (server + engine process). Measured
-# here (2 shared cores, built-in model, 80 requests a round): the first measured round
-# grows the group by 17-19 MiB over the warm-up; each further identical round by 0-9 MiB,
-# all of it in the engine process and none in Python objects (tracemalloc: < 0.1 MiB
-# over 400 requests), i.e. native allocator/oneDNN caches for new batch shapes, which
-# slow down over rounds (+25 MiB over 12 rounds). A per-request leak of ~100 KiB (a
-# response with its stream and detokenizer, a step's activations) goes past 16 MiB.
+# RSS growth allowed in one of two identical measured rounds (server + engine process).
+# Measured here (2 shared cores, built-in model, 80 requests a round): the first measured
+# round grows the group by 14-27 MiB over the warm-up; each further identical round by
+# 0-17 MiB, all of it in the engine process and none in Python objects (tracemalloc:
+# < 0.1 MiB over 400 requests), i.e. native allocator/oneDNN caches for new batch
+# shapes, which come in steps and slow down over rounds (+33-37 MiB over 8 rounds, with
+# the heap frozen at start-up or not). A per-request leak of ~100 KiB (a response with
+# its stream and detokenizer, a step's activations) goes past 16 MiB in every round.
 RSS_MARGIN = 16 << 20
 
 
@@ -54,9 +55,11 @@ def test_soak_mixed_requests_no_5xx_no_leak(server):
     rss_first = server.rss_bytes()
     second = play(server, seed=2)  # the same requests again
     rss_second = server.rss_bytes()
-    assert first == second
+    third = play(server, seed=2)  # and again
+    rss_third = server.rss_bytes()
+    assert first == second == third
 
-    cancelled = warmup["cancel"] + first["cancel"] + second["cancel"]
+    cancelled = warmup["cancel"] + first["cancel"] + second["cancel"] + third["cancel"]
     aborts = server.metric("tandem:request_success_total", finished_reason="abort")
     # Each cancelled stream (n=1, 200 tokens) ended as an abort in the engine.
     assert aborts - aborts_before == cancelled
@@ -68,10 +71,13 @@ def test_soak_mixed_requests_no_5xx_no_leak(server):
     ]
     assert not api_5xx
     assert server.metric("tandem:kv_cache_usage_perc") == 0
-    growth = rss_second - rss_first
+    growths = [rss_second - rss_first, rss_third - rss_second]
     print(  # the numbers the margin was chosen from (pytest -s)
         f"rss MiB: warm {rss_warm / 2**20:.1f}, round 1 {rss_first / 2**20:.1f} "
         f"(+{(rss_first - rss_warm) / 2**20:.1f}), round 2 {rss_second / 2**20:.1f} "
-        f"(+{growth / 2**20:.1f})"
+        f"(+{growths[0] / 2**20:.1f}), round 3 {rss_third / 2**20:.1f} (+{growths[1] / 2**20:.1f})"
     )
-    assert growth <= RSS_MARGIN, f"RSS grew by {growth / 2**20:.1f} MiB between identical rounds"
+    # a leak grows every round; the allocator's growth comes in steps
+    assert min(growths) <= RSS_MARGIN, (
+        f"RSS grew by {growths[0] / 2**20:.1f} and {growths[1] / 2**20:.1f} MiB in identical rounds"
+    )
