@@ -126,6 +126,9 @@ class SeqPlan:
     num_draft: int = 0  # k: draft tokens to propose and verify (0 = plain decode)
     draft_token_ids: list[int] = field(default_factory=list)  # drafts proposed by the
     # scheduler (n-gram); empty when the engine's draft model proposes
+    draft_catch_up: bool = True  # draft model: in a step where it runs, bring this
+    # sequence's draft KV up to date (and at k = 0 probe it); False leaves it behind
+    # until a step that catches it up (k >= 1 always does)
 
 
 @dataclass(slots=True)

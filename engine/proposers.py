@@ -6,7 +6,9 @@ In a step where some sequence has k >= 1, for the plan's sequences in order:
    (prefill chunks, decode tokens) plus every confirmed token the draft still lacks
    (the last draft of a window whose drafts were all accepted; tokens of steps in
    which the draft did not run), for every sequence of the plan, those with k = 0
-   too, so any of them can start speculating at the next step;
+   too, so any of them can start speculating at the next step (unless the plan
+   leaves a k = 0 sequence behind, `SeqPlan.draft_catch_up`: the scheduler's
+   exploring steps give one sequence one draft and catch up only that one);
 2. from that forward's last row, each sampling sequence's first draft (k >= 1) or, for
    k = 0, its probe: the draft the sequence would have got, which the worker compares
    with the token the target samples (acceptance statistics while not speculating);
@@ -138,6 +140,8 @@ class DraftModelProposer:
         rows: list[SampleRow] = []
         row_seq: list[int] = []
         for i, (p, s) in enumerate(seqs):
+            if not (p.num_draft or p.draft_catch_up):
+                continue  # left behind this step (its num_draft_computed stays)
             start = min(s.num_draft_computed, p.start_pos)
             end = p.start_pos + len(p.token_ids)
             tokens = s.token_ids[start:end]

@@ -15,7 +15,8 @@ so the planner tracks how far each request's draft KV got (`RequestSpec.
 draft_computed`): the catch-up it would cost is part of the step's predicted time. The
 choice of k weighs the steady-state catch-up (this step's tokens), the backlog being
 paid once. While nobody speculates, no probe observes acceptance either; so one request
-gets one exploring draft when that costs little (`_explore`).
+gets one exploring draft when that costs little (`_explore`), and the draft catches up
+that request alone.
 
 With the draft model the controller's bar is higher than the step's predicted goodput:
 it compares the goodput of the step's decode work (a prompt chunk in the same step costs
@@ -63,7 +64,7 @@ class _Planned:
     """What plan_drafts decided for a step, for on_step to learn from."""
 
     step_id: int
-    catch_up: int | None  # the draft's catch-up tokens (None: no draft model)
+    features: StepFeatures  # the step as planned (drafts and catch-up included)
     predicted_s: float | None  # predicted step seconds (None before any measurement)
 
 
@@ -129,16 +130,19 @@ class SpecPlanner:
             left += req.sampling.max_tokens - req.num_output_tokens
         catch_up = self._catch_up_tokens(plans, by_seq)
         horizon = max(1.0, left / max(len(cands), 1))  # steps the requests still run, about
-        ks = self._choose(cands, plans, catch_up, budget, horizon)
+        ks, exploring = self._choose(cands, chosen, plans, catch_up, budget, horizon)
         used = sum(self._apply_k(req, sp, k) for (req, sp), k in zip(chosen, ks, strict=True))
+        if exploring:  # the draft catches up the explored sequence only
+            for sp in plans:
+                sp.draft_catch_up = sp.num_draft > 0
+            catch_up = self._catch_up_tokens([sp for sp in plans if sp.num_draft], by_seq)
         if self.forced_k is None:
             with self._lock:
                 for sp in (sp for _, sp in chosen):
                     self._stats.k_histogram[sp.num_draft] += 1
-        predicted = (
-            self.costs.predict(self._features(plans, catch_up)) if self.costs.ready else None
-        )
-        self._planned = _Planned(step_id, catch_up, predicted)
+        features = self._features(plans, catch_up)
+        predicted = self.costs.predict(features) if self.costs.ready else None
+        self._planned = _Planned(step_id, features, predicted)
         return used
 
     def _state(self, req: Request) -> RequestSpec:
@@ -159,9 +163,8 @@ class SpecPlanner:
         return max(0, min(cap, left - 1))
 
     def _catch_up_tokens(self, plans: list[SeqPlan], by_seq: dict[int, Request]) -> int | None:
-        """Tokens the draft model's catch-up forward computes if it runs this step (it
-        catches up every sequence of the plan, backlog included); None without a draft
-        model."""
+        """Tokens the draft model's catch-up forward computes if it runs this step and
+        catches up these sequences (backlog included); None without a draft model."""
         if not self.spec.uses_draft_model:
             return None
         total = 0
@@ -173,19 +176,23 @@ class SpecPlanner:
     def _choose(
         self,
         cands: list[Candidate],
+        chosen: list[tuple[Request, SeqPlan]],
         plans: list[SeqPlan],
         catch_up: int | None,
         budget: int,
         horizon: float,
-    ) -> list[int]:
-        """k per candidate. catch_up: the draft's catch-up tokens if it ran (backlog
-        included), None for n-gram; horizon: steps the candidates still have, about."""
+    ) -> tuple[list[int], bool]:
+        """k per candidate (chosen: their requests and plans), and whether the step
+        explores (`_explore`). catch_up: the draft's catch-up tokens if it ran for
+        every sequence (backlog included), None for n-gram; horizon: steps the
+        candidates still have, about."""
+        zeros = [0] * len(cands)
         if self.forced_k is not None:
-            return _fit_budget([min(self.forced_k, c.max_k) for c in cands], budget)
+            return _fit_budget([min(self.forced_k, c.max_k) for c in cands], budget), False
         if self.spec.speculation_policy == "fixed":
-            return _fit_budget([c.max_k for c in cands], budget)
+            return _fit_budget([c.max_k for c in cands], budget), False
         if not self.costs.ready or not cands:
-            return [0] * len(cands)  # nothing measured yet: the first step learns
+            return zeros, False  # nothing measured yet: the first step learns
         # With the draft model the ratio weighs decode work only: a prompt chunk in the
         # same step costs what it costs whatever k is, and counting its time in the
         # step's base lowers the bar that speculation must clear (at 64 requests, where
@@ -196,7 +203,7 @@ class SpecPlanner:
         base = self._features(decoding, None)
         base_tokens = sum(1 for sp in decoding if sp.sample)
         if not base_tokens:
-            return [0] * len(cands)
+            return zeros, False
         # The choice weighs the catch-up a speculating step costs in steady state (this
         # step's tokens) plus the backlog of steps in which the draft rested spread over
         # the steps the requests still run: it is paid once, and charging it all to one
@@ -209,9 +216,12 @@ class SpecPlanner:
         ks = choose_k(cands, costs, base_tokens, budget)
         if any(ks) and draft_model:
             ks = self._beyond_noise(ks, cands, costs, base_tokens)
-        if catch_up is not None and not any(ks) and budget > 0:
-            ks = self._explore(ks, cands, self.costs.marginal(base, catch_up), base_tokens)
-        return ks
+        if any(ks) or not draft_model or budget <= 0:
+            return ks, False
+        best = self._explore(cands, chosen, base, base_tokens)
+        return (
+            (zeros, False) if best is None else ([int(i == best) for i in range(len(cands))], True)
+        )
 
     def _beyond_noise(
         self, ks: list[int], cands: list[Candidate], costs: MarginalCosts, base_tokens: int
@@ -228,25 +238,36 @@ class SpecPlanner:
         return ks if gain > 1 + self.prediction_error else [0] * len(ks)
 
     def _explore(
-        self, ks: list[int], cands: list[Candidate], costs: MarginalCosts, base_tokens: int
-    ) -> list[int]:
+        self,
+        cands: list[Candidate],
+        chosen: list[tuple[Request, SeqPlan]],
+        base: StepFeatures,
+        base_tokens: int,
+    ) -> int | None:
         """While nobody speculates the draft model does not run, and acceptance is not
-        observed. So give one draft to the most promising request when that costs at
-        most EXPLORE_FREE_LOSS of the step's predicted goodput (costs: with the real
-        catch-up, backlog included), or after EXPLORE_EVERY idle steps at most
-        EXPLORE_MAX_LOSS: its catch-up forward probes every request of the step."""
+        observed. So give one draft to the most promising request (returns its index)
+        when that costs at most EXPLORE_FREE_LOSS of the step's predicted goodput, or
+        after EXPLORE_EVERY idle steps at most EXPLORE_MAX_LOSS; None: no exploring.
+        The draft then catches up that request only (`SeqPlan.draft_catch_up`): its
+        backlog is what exploring costs. (Catching up every request of the step, as
+        a chosen speculation does, made each exploring step at 64 requests a draft
+        prefill over 64 backlogs; it was then too dear to take, and nothing was
+        learned, or taken, and cost more than the goodput it protected.)"""
         self._idle_steps += 1
         best = max(range(len(cands)), key=lambda i: (cands[i].max_k > 0, cands[i].rates[0]))
         if cands[best].max_k == 0:
-            return ks
+            return None
+        req, sp = chosen[best]
+        own = sp.start_pos + len(sp.token_ids) - min(self._state(req).draft_computed, sp.start_pos)
+        costs = self.costs.marginal(base, own)
         # spec_control.predicted_goodput of one draft for `best` against none, in O(1)
         keep = base_tokens / costs.base_time
         gain = cands[best].rates[0]
         extra = costs.per_draft_token + costs.draft_catch_up
         loss = EXPLORE_MAX_LOSS if self._idle_steps >= EXPLORE_EVERY else EXPLORE_FREE_LOSS
         if (base_tokens + gain) / (costs.base_time + extra) >= (1 - loss) * keep:
-            return [int(i == best) for i in range(len(cands))]
-        return ks
+            return best
+        return None
 
     def _apply_k(self, req: Request, sp: SeqPlan, k: int) -> int:
         """Give req k drafts if blocks allow (fewer if not); returns the k given."""
@@ -331,8 +352,7 @@ class SpecPlanner:
             return  # not planned by us (cannot happen in a core; a safety net)
         self._track_draft_kv(plan, result, by_seq)
         target_s = max(step_time_s - result.draft_time_s, 0.0)
-        features = self._features(plan.seqs, planned.catch_up)
-        self.costs.observe(features, target_s, result.draft_time_s)
+        self.costs.observe(planned.features, target_s, result.draft_time_s)
         if planned.predicted_s is not None and self.forced_k is None:
             err = min(abs(step_time_s / max(planned.predicted_s, 1e-9) - 1.0), 1.0)
             self.prediction_error += PREDICTION_ERROR_WEIGHT * (err - self.prediction_error)
@@ -343,13 +363,16 @@ class SpecPlanner:
 
     def _track_draft_kv(self, plan: StepPlan, result: StepResult, by_seq) -> None:
         """Where each sequence's draft KV ends after a step in which the draft model
-        ran (it caught up every sequence; an all-accepted window's last draft it never
-        saw); unchanged after a step in which it did not."""
+        ran (it caught up every sequence the plan did not leave behind; an
+        all-accepted window's last draft it never saw); unchanged after a step in which
+        it did not."""
         if not self.spec.uses_draft_model or not any(sp.num_draft for sp in plan.seqs):
             return
         self._idle_steps = 0
         accepted = {r.seq_id: r.num_accepted_drafts for r in result.seqs}
         for sp in plan.seqs:
+            if not (sp.num_draft or sp.draft_catch_up):
+                continue
             req = by_seq.get(sp.seq_id)
             if req is not None and req.spec is not None:
                 a = accepted.get(sp.seq_id, 0)

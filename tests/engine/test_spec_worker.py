@@ -31,40 +31,60 @@ def executor(method: str | None) -> UniExecutor:
 
 
 class Driver:
-    """Plays the scheduler for one sequence: block ids 0, 1, 2, ... in order, cut back
-    to the computed tokens after each step (as the scheduler does)."""
+    """Plays the scheduler for one sequence: block ids first_block, first_block + 1, ...
+    in order, cut back to the computed tokens after each step (as the scheduler does)."""
 
-    def __init__(self, ex: UniExecutor) -> None:
+    def __init__(
+        self, ex: UniExecutor, seq_id: int = 0, first_block: int = 0, prompt=PROMPT
+    ) -> None:
         self.ex, self.table, self.step = ex, [], 0
-        self.tokens = list(PROMPT)
+        self.seq_id, self.first_block, self.prompt = seq_id, first_block, list(prompt)
+        self.tokens = list(prompt)
         self.num_computed = 0
         self.num_rejected = 0
 
     def _blocks(self, end: int) -> list[int]:
         del self.table[-(-self.num_computed // BS) :]
-        new = list(range(len(self.table), -(-end // BS)))
+        new = [self.first_block + b for b in range(len(self.table), -(-end // BS))]
         self.table += new
         return new
 
-    def run(self, k: int, drafts: list[int] | None = None):
+    def plan(self, k: int, drafts: list[int] | None = None, catch_up: bool = True) -> SeqPlan:
         start = self.num_computed
-        chunk = self.tokens[start:]
-        plan = SeqPlan(
-            0,
-            chunk,
+        return SeqPlan(
+            self.seq_id,
+            self.tokens[start:],
             start,
             self._blocks(len(self.tokens) + k),
             True,
-            NewSeq(GREEDY, len(PROMPT)) if start == 0 else None,
+            NewSeq(GREEDY, len(self.prompt)) if start == 0 else None,
             num_draft=k,
             draft_token_ids=drafts or [],
+            draft_catch_up=catch_up,
         )
-        res = self.ex.execute(StepPlan(self.step, [plan])).seqs[0]
+
+    def absorb(self, plan: SeqPlan, res) -> None:
         self.step += 1
-        self.num_computed += len(chunk) + res.num_accepted_drafts
-        self.num_rejected += k - res.num_accepted_drafts
+        self.num_computed += len(plan.token_ids) + res.num_accepted_drafts
+        self.num_rejected += plan.num_draft - res.num_accepted_drafts
         self.tokens += res.token_ids
+
+    def run(self, k: int, drafts: list[int] | None = None):
+        plan = self.plan(k, drafts)
+        res = self.ex.execute(StepPlan(self.step, [plan])).seqs[0]
+        self.absorb(plan, res)
         return res
+
+
+def run_together(drivers: list[Driver], ks: list[int], catch_up: list[bool]):
+    """One step over several drivers' sequences (one executor); returns the results."""
+    plans = [d.plan(k, catch_up=c) for d, k, c in zip(drivers, ks, catch_up, strict=True)]
+    results = drivers[0].ex.execute(StepPlan(drivers[0].step, plans)).seqs
+    for d, p, r in zip(drivers, plans, results, strict=True):
+        d.absorb(p, r)
+    for d in drivers:
+        d.step = max(x.step for x in drivers)
+    return results
 
 
 def kv_at(cache: list[torch.Tensor], table: list[int], n: int) -> torch.Tensor:
@@ -105,6 +125,39 @@ def test_rejected_drafts_roll_back_in_mirrors_and_kv_caches():
         kv_at(specs[k].ex.worker.proposer.runner.kv_caches, specs[k].table, m) for k in (1, 3)
     )
     torch.testing.assert_close(one, three, rtol=1e-4, atol=1e-5)
+
+
+def test_a_sequence_left_behind_catches_up_when_it_speculates():
+    """draft_catch_up=False: while another sequence speculates, this one's draft KV
+    stays where it was (no probe either); when it speculates later, the catch-up covers
+    its whole backlog, and its drafts and draft KV are those of a run that never left
+    it behind."""
+    other = [5, 99, 1203, 7, 42, 6, 3000, 12]
+    runs = {}
+    for left_behind in (False, True):
+        ex = executor("draft")
+        a, b = Driver(ex, 0, 0, other), Driver(ex, 1, 8)
+        run_together([a, b], [0, 0], [True, True])  # prefills: the draft rests
+        for _ in range(5):  # a speculates, b decodes (left behind, or caught up)
+            res = run_together([a, b], [1, 0], [True, not left_behind])
+            state = ex.worker.seqs[1]
+            if left_behind:
+                assert res[1].probe_accepted is None and state.num_draft_computed == 0
+            else:
+                assert res[1].probe_accepted is not None
+                assert state.num_draft_computed == b.num_computed
+        for _ in range(4):  # now b speculates too
+            run_together([a, b], [1, 2], [True, True])
+        runs[left_behind] = b
+    caught, behind = runs[False], runs[True]
+    assert behind.tokens == caught.tokens and behind.num_rejected == caught.num_rejected
+    n = ex.worker.seqs[1].num_draft_computed
+    assert n > len(PROMPT) + 5
+    kv = [
+        kv_at(d.ex.worker.proposer.runner.kv_caches, d.table, min(n, d.num_computed))
+        for d in (caught, behind)
+    ]
+    torch.testing.assert_close(kv[1], kv[0], rtol=1e-4, atol=1e-5)
 
 
 def test_plan_drafts_are_verified_against_the_argmax():

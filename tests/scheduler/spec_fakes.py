@@ -162,6 +162,6 @@ class SpecFakeExecutor:
             if j == len(drafts) or out[-1] != drafts[j]:
                 break
         res = SeqResult(sp.seq_id, out, num_accepted_drafts=len(out) - 1)
-        if self.draft_model and self._draft_runs and sp.num_draft == 0:
+        if self.draft_model and self._draft_runs and sp.num_draft == 0 and sp.draft_catch_up:
             res.probe_accepted = self._draft(m.tokens[:base]) == out[0]
         return res

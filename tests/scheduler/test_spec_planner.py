@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import random
 
-from tandem.engine.plan import SeqPlan
+from tandem.engine.plan import SamplingParams, SeqPlan
 from tandem.engine.spec_config import SpeculativeConfig
 from tandem.scheduler.cost_model import MarginalCosts, StepFeatures
 from tandem.scheduler.kv_blocks import BlockPool
+from tandem.scheduler.request import Request
 from tandem.scheduler.spec_control import Candidate, predicted_goodput
 from tandem.scheduler.speculation import SpecPlanner
 
@@ -20,6 +21,14 @@ def planner(method: str = "ngram") -> SpecPlanner:
 
 def decode(seq_id: int) -> SeqPlan:
     return SeqPlan(seq_id, [7], 100, [], True)
+
+
+def running(plans: list[SeqPlan]) -> list[tuple[Request, SeqPlan]]:
+    """Requests decoding these plans (100 tokens in, none of them in the draft's KV)."""
+    return [
+        (Request(f"r{sp.seq_id}", sp.seq_id, SamplingParams(max_tokens=50), [7] * 101, 90, 0.0), sp)
+        for sp in plans
+    ]
 
 
 def test_a_prompt_chunk_in_the_step_does_not_lower_the_bar():
@@ -37,12 +46,14 @@ def test_a_prompt_chunk_in_the_step_does_not_lower_the_bar():
     chunk = SeqPlan(9, [3] * 400, 0, [], False)
     # (the draft model's own costs are not fitted here: 0; catch_up = 4 tokens). At most
     # one exploring draft, and the same with the chunk as without
-    plain = p._choose(cands, plans, 4, budget=64, horizon=10)
-    assert sum(plain) <= 1
-    assert p._choose(cands, [*plans, chunk], 404, budget=64, horizon=10) == plain
+    chosen = running(plans)
+    plain = p._choose(cands, chosen, plans, 4, budget=64, horizon=10)
+    assert sum(plain[0]) <= 1
+    assert p._choose(cands, chosen, [*plans, chunk], 404, budget=64, horizon=10) == plain
     # and with acceptance that pays, the chunk does not stop it either
     sure = [Candidate(4, [1.0] * 4) for _ in range(4)]
-    assert any(p._choose(sure, [*plans, chunk], 404, budget=64, horizon=10))
+    ks, exploring = p._choose(sure, chosen, [*plans, chunk], 404, budget=64, horizon=10)
+    assert any(ks) and not exploring
 
 
 def test_a_gain_inside_the_prediction_error_is_not_taken():
@@ -70,3 +81,45 @@ def test_the_prediction_error_follows_measured_steps():
         plan = StepPlan(step_id, list(plans.values()))
         p.on_step(plan, StepResult(step_id, []), 1.2 * predicted, by_seq={})
     assert abs(p.prediction_error - 0.2) < 0.01
+
+
+def test_an_exploring_step_catches_up_the_explored_request_only():
+    """64 decodes whose draft KV lags 40 tokens, speculation not paying: after
+    EXPLORE_EVERY idle steps one request gets one draft, and the draft model catches
+    up that request alone (6 tokens, not 64 backlogs: at 0.01 ms a token those would
+    cost 26 ms, more than exploring may give up, so it would never explore)."""
+    from tandem.engine.plan import StepPlan, StepResult
+    from tandem.scheduler.request import RequestStatus
+    from tandem.scheduler.spec_control import RequestSpec
+    from tandem.scheduler.speculation import EXPLORE_EVERY
+
+    p = planner("draft")
+    rng = random.Random(0)
+    for _ in range(100):  # target 5 ms + 0.1 ms a token (+ 0.3 ms a verified draft);
+        # draft 1 ms a forward + 0.01 ms a token
+        batch, drafts = rng.randint(8, 64), rng.randint(0, 64)
+        f = StepFeatures(batch + drafts, 100 * batch, 1 + drafts // 32, batch + drafts, drafts)
+        target_s = 0.005 + 0.0001 * f.batched_tokens + 0.0003 * drafts
+        p.costs.observe(f, target_s, 0.001 * f.draft_forwards + 0.00001 * f.draft_tokens)
+    chosen = running([decode(i) for i in range(64)])
+    by_seq = {sp.seq_id: req for req, sp in chosen}
+    for req, _ in chosen:
+        req.status = RequestStatus.RUNNING
+        req.spec = RequestSpec([0.2] * 4, draft_computed=60)
+    by_seq[5].spec = RequestSpec([0.5] * 4, draft_computed=95)  # the most promising
+    reqs = list(by_seq.values())
+    for step_id in range(EXPLORE_EVERY):
+        seqs = {req.seq_id: decode(req.seq_id) for req in reqs}
+        p.plan_drafts(step_id, seqs, reqs, budget=256, by_seq=by_seq)
+        if any(sp.num_draft for sp in seqs.values()):
+            break
+        p.on_step(StepPlan(step_id, list(seqs.values())), StepResult(step_id, []), 0.011, by_seq)
+    assert step_id == EXPLORE_EVERY - 1
+    assert {
+        s: (sp.num_draft, sp.draft_catch_up) for s, sp in seqs.items() if sp.draft_catch_up
+    } == {5: (1, True)}
+    assert p._planned.features.draft_tokens == 101 - 95  # its backlog and this step's token
+    plan = StepPlan(step_id, list(seqs.values()))
+    p.on_step(plan, StepResult(step_id, []), 0.013, by_seq)
+    assert by_seq[5].spec.draft_computed == 101  # (its draft was rejected)
+    assert {req.spec.draft_computed for req in reqs if req.seq_id != 5} == {60}
