@@ -168,6 +168,9 @@ class SeqResult:
     probe_accepted: bool | None = None  # k = 0 with a draft model: whether the draft the
     # sequence would have got equals the token sampled (acceptance statistics while not
     # speculating); None when not probed
+    lookback_accepted: bool | None = None  # draft model, after a step whose drafts were
+    # all kept: whether the draft it would have proposed next equals the bonus token
+    # that step sampled (this step's first token); None when not looked at
 
 
 @dataclass(slots=True)

@@ -12,6 +12,8 @@ In a step where some sequence has k >= 1, for the plan's sequences in order:
 2. from that forward's last row, each sampling sequence's first draft (k >= 1) or, for
    k = 0, its probe: the draft the sequence would have got, which the worker compares
    with the token the target samples (acceptance statistics while not speculating);
+   after a window whose drafts were all kept, also from the row before: the look-back
+   (the draft that window's next position would have got, against its bonus token);
 3. k - 1 more one-token forwards for the sequences with k >= 2.
 
 In a step where no sequence speculates the draft does not run at all: at high load
@@ -75,6 +77,9 @@ class Proposals:
     drafts: list[list[int]]  # k draft tokens per sequence (empty when k = 0)
     probes: list[int | None]  # k = 0 sampling sequences: the draft the sequence would
     # have got; None elsewhere
+    lookbacks: list[bool | None] = dataclasses.field(default_factory=list)  # per
+    # sequence: whether the draft, caught up over the one token before this step's
+    # token, predicted that token; None where not looked at (see `_catch_up`)
 
 
 class DraftModelProposer:
@@ -122,40 +127,69 @@ class DraftModelProposer:
                 raise ValueError(f"seq {p.seq_id}: drafts need a sampling step (sample=True)")
         drafts: list[list[int]] = [[] for _ in seqs]
         probes: list[int | None] = [None] * len(seqs)
+        lookbacks: list[bool | None] = [None] * len(seqs)
         if not any(p.num_draft for p in plan.seqs):
-            return Proposals(drafts, probes)  # nobody speculates: the draft rests
-        first, greedy = self._catch_up(seqs)
+            return Proposals(drafts, probes, lookbacks)  # nobody speculates: the draft rests
+        first, greedy, looked = self._catch_up(seqs)
         for i, tok in first.items():
             if seqs[i][0].num_draft:
                 drafts[i].append(tok)
             else:
                 probes[i] = tok
+        for i, tok in looked.items():
+            lookbacks[i] = tok == seqs[i][0].token_ids[0]
         self._draft_steps(seqs, drafts, greedy)
-        return Proposals(drafts, probes)
+        return Proposals(drafts, probes, lookbacks)
 
-    def _catch_up(self, seqs: list[tuple[SeqPlan, SeqState]]) -> tuple[dict[int, int], set[int]]:
+    def _catch_up(
+        self, seqs: list[tuple[SeqPlan, SeqState]]
+    ) -> tuple[dict[int, int], set[int], dict[int, int]]:
         """The catch-up forward; returns {plan index: first draft or probe} for the
-        sequences that sample, and the plan indices whose rows are plain greedy."""
+        sequences that sample, the plan indices whose rows are plain greedy, and
+        {plan index: look-back draft}.
+
+        A look-back: a decoding sequence whose catch-up starts one token before the
+        step's token (after a window whose k drafts were all kept, the draft never saw
+        the last one) also samples that row: the draft the sequence would have got for
+        the step's token, i.e. draft k + 1 of that window. The scheduler compares it,
+        as n-gram compares its proposal's next token with the bonus token, so that a
+        position the controller stopped reaching is still observed."""
         run_seqs: list[RunSeq] = []
         rows: list[SampleRow] = []
-        row_seq: list[int] = []
+        row_seq: list[int] = []  # plan index of each row; look-back rows as ~index
         for i, (p, s) in enumerate(seqs):
             if not (p.num_draft or p.draft_catch_up):
                 continue  # left behind this step (its num_draft_computed stays)
             start = min(s.num_draft_computed, p.start_pos)
             end = p.start_pos + len(p.token_ids)
             tokens = s.token_ids[start:end]
-            logits_from = len(tokens) - 1 if p.sample else len(tokens)
+            look_back = (
+                p.sample
+                and len(p.token_ids) == 1
+                and start == p.start_pos - 1 >= s.num_prompt_tokens
+                and s.grammar is None
+            )
+            logits_from = len(tokens) - 1 - look_back if p.sample else len(tokens)
             run_seqs.append(RunSeq(tokens, start, s.block_table, logits_from))
             s.num_draft_computed = end
+            if look_back:
+                rows.append(s.sample_row(p.start_pos, [], for_draft=True))
+                row_seq.append(~i)
             if p.sample:
                 rows.append(s.sample_row(end, [], for_draft=True))
                 row_seq.append(i)
         logits = self._forward(run_seqs)
         if not rows:
-            return {}, set()
-        greedy = {i for i, r in zip(row_seq, rows, strict=True) if _plain_greedy(r)}
-        return dict(zip(row_seq, self._sample(logits, rows), strict=True)), greedy
+            return {}, set(), {}
+        greedy = {i for i, r in zip(row_seq, rows, strict=True) if i >= 0 and _plain_greedy(r)}
+        first: dict[int, int] = {}
+        looked: dict[int, int] = {}
+        for i, tok in zip(row_seq, self._sample(logits, rows), strict=True):
+            if i >= 0:
+                first[i] = tok
+            else:
+                looked[~i] = tok
+        return first, greedy, looked
 
     def _draft_steps(
         self, seqs: list[tuple[SeqPlan, SeqState]], drafts: list[list[int]], greedy: set[int]

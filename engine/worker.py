@@ -246,6 +246,8 @@ class Worker:
             res.logprobs = None if lps[0] is None else lps
             if props.probes[i] is not None:
                 res.probe_accepted = props.probes[i] == token_ids[r]
+            if props.lookbacks:
+                res.lookback_accepted = props.lookbacks[i]
 
     def _prompt_logprobs(self, p: SeqPlan, s: SeqState, rows: torch.Tensor):
         """Logprobs of this chunk's prompt tokens, each given the tokens before it.

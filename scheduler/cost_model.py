@@ -10,13 +10,23 @@ alone is attributed to the constant term, not to "per token".
 `StepCostModel` holds the two fits the controller needs:
 
     target_time = c0 + c_tok * batched_tokens + c_draft * verify_tokens + c_ctx * context_tokens
-    draft_time  = d_fwd * draft_forwards + d_tok * draft_tokens
+    draft_time  = d_first + d_fwd * draft_forwards + d_tok * draft_tokens
 
 where verify_tokens are the drafts among the batched tokens, context_tokens = sum over
 sequences of the KV length their queries read, and a
 draft forward is one call of the draft model (the catch-up forward, then one per
 extra draft position), so a draft step by batch size b costs d_fwd + d_tok * b. A
 step where nobody speculates runs no draft forward at all.
+
+d_first is what a step's first draft forward costs beyond the others (it builds its
+input and sends its drafts to the host; later draft forwards of plain-greedy windows
+reuse the input and keep their drafts on the device). Measured on the built-in pair at
+one request: the draft's time per step at depth 1..4 was 0.81, 1.54, 2.15, 2.67 ms,
+increments of 0.73, 0.61, 0.52; without d_first the fit charged every further draft
+position 0.70-0.78 ms, and the controller chose k = 2 where k = 4 paid more. It has a
+ridge of its own (FIRST_FORWARD_RIDGE): where every step that runs the draft has the
+same depth, d_first and d_fwd cannot be told apart, and the ridge then gives the sum to
+d_fwd, charging deeper drafts as the old fit did.
 
 c_draft is what a verified draft costs beyond any other token. With one per-token term,
 fitted over prefill chunks too, a window token looked cheap: on the built-in pair on
@@ -137,6 +147,7 @@ def _clip(model: OnlineLinearModel, x: list[float], y: float) -> float:
 
 
 WINDOW_RIDGE = 1.0  # pull of the verified-draft term towards 0, in scaled units
+FIRST_FORWARD_RIDGE = 1.0  # pull of the draft's first-forward term towards 0, ditto
 
 
 @dataclass(slots=True)
@@ -148,6 +159,11 @@ class StepFeatures:
     draft_forwards: int  # draft-model calls (0 without a draft model)
     draft_tokens: int  # tokens over all draft-model calls
     verify_tokens: int = 0  # of batched_tokens, the drafts verified
+
+    def draft_x(self) -> list[float]:
+        """The draft fit's features (for a step where the draft model runs): 1, draft
+        forwards, draft tokens."""
+        return [1.0, float(self.draft_forwards), float(self.draft_tokens)]
 
     def target_x(self) -> list[float]:
         """The target fit's features: 1, tokens, verified drafts, context tokens."""
@@ -181,7 +197,11 @@ class StepCostModel:
         self.target = OnlineLinearModel(
             [1.0, 64.0, 64.0, 4096.0], ridge=[1e-3, 1e-3, WINDOW_RIDGE, 1e-3], decay=decay
         )
-        self.draft = OnlineLinearModel([1.0, 64.0], decay=decay)
+        # the draft: a first-forward term (what a step's first draft forward costs beyond
+        # the others), held at 0 unless depths vary (see the module docstring)
+        self.draft = OnlineLinearModel(
+            [1.0, 1.0, 64.0], ridge=[FIRST_FORWARD_RIDGE, 1e-3, 1e-3], decay=decay
+        )
 
     @property
     def ready(self) -> bool:
@@ -199,12 +219,12 @@ class StepCostModel:
         if f.verify_tokens:
             self.target.set_prior(2, max(self.target.coef[2], 0.0))
         if f.draft_forwards:
-            self.draft.observe([float(f.draft_forwards), float(f.draft_tokens)], draft_time_s)
+            self.draft.observe(f.draft_x(), draft_time_s)
 
     def predict(self, f: StepFeatures) -> float:
         """Predicted seconds of a step (target + draft), never below 0."""
         t = self.target.predict(f.target_x())
-        d = self.draft.predict([f.draft_forwards, f.draft_tokens]) if f.draft_forwards else 0.0
+        d = self.draft.predict(f.draft_x()) if f.draft_forwards else 0.0
         return max(t, 0.0) + max(d, 0.0)
 
     def marginal(self, base: StepFeatures, catch_up_tokens: float | None) -> MarginalCosts:
@@ -215,8 +235,8 @@ class StepCostModel:
         _, c_tok, c_draft, c_ctx = self.target.coef
         catch_up = d_fwd = d_tok = 0.0
         if catch_up_tokens is not None:
-            d_fwd, d_tok = (max(c, 0.0) for c in self.draft.coef)
-            catch_up = d_fwd + d_tok * catch_up_tokens
+            d_first, d_fwd, d_tok = (max(c, 0.0) for c in self.draft.coef)
+            catch_up = d_first + d_fwd + d_tok * catch_up_tokens
         return MarginalCosts(
             base_time=max(self.predict(base), 1e-9),
             # one more query token and one more context token: clip the sum, not each

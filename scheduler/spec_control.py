@@ -8,7 +8,10 @@ start. A step with k drafts of which a were accepted observes positions
 all k were kept: the proposal's next token against the bonus token). While a request
 runs with k = 0, a probe (the draft it would have got, compared with the token
 sampled) keeps position 1 up to date: every step for n-gram, in the steps where the
-draft model runs for a draft model.
+draft model runs for a draft model. After a step that kept all k drafts, position k + 1
+is observed too: n-gram compares its proposal's next token with the bonus token, and
+the draft model's next catch-up forward samples the draft it would have proposed there
+(a look-back), so a position the controller stopped reaching is still seen.
 
 Goodput. Let P_i(j) = rate_1 * .. * rate_j: the chance that request i's first j
 drafts are all accepted. With k_i drafts it expects E_i(k_i) = 1 + sum_{j<=k_i} P_i(j)
@@ -49,6 +52,8 @@ class RequestSpec:
     # first is compared with the token sampled (a probe)
     draft_computed: int = 0  # leading tokens whose draft-model KV the worker holds
     # (as far as the scheduler can tell; it sizes the draft's catch-up forward)
+    all_kept: int = 0  # k of its last step if all k drafts were kept, else 0 (a draft
+    # model's look-back in the next step then observes position k + 1)
 
 
 class AcceptanceTracker:
@@ -110,9 +115,12 @@ class AcceptanceTracker:
         if next_accepted is not None and num_accepted == num_drafts < self.max_k:
             self._update(rates, num_drafts, 1.0 if next_accepted else 0.0)
 
-    def observe_probe(self, rates: list[float], accepted: bool) -> None:
-        """A k = 0 step's probe: would draft 1 have been accepted?"""
-        self._update(rates, 0, 1.0 if accepted else 0.0)
+    def observe_probe(self, rates: list[float], accepted: bool, position: int = 1) -> None:
+        """A probe: would draft `position` have been accepted (drafts before it were)?
+        Position 1 at a k = 0 step; k + 1 after a step that kept all its k drafts."""
+        if not 1 <= position <= self.max_k:
+            raise ValueError(f"probe position {position} not in 1..{self.max_k}")
+        self._update(rates, position - 1, 1.0 if accepted else 0.0)
 
     def _update(self, rates: list[float], j: int, x: float) -> None:
         w, g = self.request_weight, self.global_weight

@@ -318,6 +318,10 @@ class SpecPlanner:
             state.proposal = None
             return
         k, a = sp.num_draft, res.num_accepted_drafts
+        if res.lookback_accepted is not None and 0 < state.all_kept < self.max_k:
+            # the last step kept all its drafts; would one more have been kept?
+            self.tracker.observe_probe(state.rates, res.lookback_accepted, state.all_kept + 1)
+        state.all_kept = k if 0 < k == a else 0
         if k:
             # an n-gram proposal longer than k, all k kept: the bonus token tells whether
             # draft k+1 would have been kept too (else a low rate at a position the

@@ -198,3 +198,29 @@ def test_draft_model_needs_a_directory_for_a_non_builtin_target():
     assert draft_model_dir("/x", "/y") == "/x"
     with pytest.raises(ValueError, match="needs speculative_model"):
         draft_model_dir(None, "/some/target")
+
+
+def test_after_an_all_kept_window_the_draft_looks_back_at_the_bonus_token():
+    """k = 1 windows, greedy: after a window whose draft was kept, the next step's
+    catch-up forward also samples the row before the step's token (the draft's
+    proposal for the bonus token, i.e. draft 2 of that window) and reports whether it
+    matched; after a rejection there is nothing to look back at."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(BUILTIN_DRAFT, dtype=torch.float32)
+    d = Driver(executor("draft"))
+    d.run(0)
+    looked, last = [], None
+    for _ in range(30):
+        bonus_at = d.num_computed  # the position of this step's token
+        res = d.run(1)
+        if last is not None and last.num_accepted_drafts == 1:
+            with torch.no_grad():
+                logits = hf(torch.tensor([d.tokens[:bonus_at]])).logits[0, -1]
+            want = int(logits.argmax()) == d.tokens[bonus_at]
+            assert res.lookback_accepted is want
+            looked.append(want)
+        elif last is not None:
+            assert res.lookback_accepted is None
+        last = res
+    assert True in looked and False in looked  # both outcomes seen

@@ -282,3 +282,23 @@ def test_the_verified_draft_cost_is_kept_while_nobody_speculates():
     observe_steps(m, rng, 500, lambda b: 0, lambda: 0)
     kept = m.marginal(StepFeatures(64, 6400, 0, 0), None).per_draft_token
     assert kept == pytest.approx(learned, rel=0.15)
+
+
+def test_the_first_draft_forward_is_priced_apart_when_depths_vary():
+    """Draft steps cost 0.2 ms + 0.6 ms a forward + 0.01 ms a token. Over depths 1..4
+    the fit prices a further draft position at 0.6 ms (one slope without the first
+    forward's extra would say ~0.7); where every step has depth 1 the two cannot be told
+    apart, and a further position is charged the whole forward, 0.8 ms."""
+    varied, flat = StepCostModel(), StepCostModel()
+    for i in range(200):
+        depth, tokens = 1 + i % 4, 4 + i % 7
+        draft_s = 0.0002 + 0.0006 * depth + 0.00001 * (tokens + depth - 1)
+        varied.observe(StepFeatures(8, 800, depth, tokens + depth - 1), 0.005, draft_s)
+        flat.observe(StepFeatures(8, 800, 1, tokens), 0.005, 0.0008 + 0.00001 * tokens)
+    base = StepFeatures(8, 800, 0, 0)
+    costs = varied.marginal(base, catch_up_tokens=8)
+    assert costs.per_draft_forward == pytest.approx(0.0006, rel=0.05)
+    assert costs.draft_catch_up == pytest.approx(0.0002 + 0.0006 + 0.00008, rel=0.05)
+    costs = flat.marginal(base, catch_up_tokens=8)
+    assert costs.per_draft_forward == pytest.approx(0.0008, rel=0.05)
+    assert costs.draft_catch_up == pytest.approx(0.0008 + 0.00008, rel=0.05)

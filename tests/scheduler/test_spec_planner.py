@@ -123,3 +123,28 @@ def test_an_exploring_step_catches_up_the_explored_request_only():
     p.on_step(plan, StepResult(step_id, []), 0.013, by_seq)
     assert by_seq[5].spec.draft_computed == 101  # (its draft was rejected)
     assert {req.spec.draft_computed for req in reqs if req.seq_id != 5} == {60}
+
+
+def test_a_look_back_after_an_all_kept_window_observes_the_next_position():
+    """k = 2 with both drafts kept: the next step's look-back (draft 3 of that window
+    against the bonus token) updates position 3 only; after a window with a rejection,
+    or at K, a look-back observes nothing."""
+    from tandem.engine.plan import SeqResult
+
+    p = planner("draft")
+    ((req, _),) = running([decode(0)])
+    rates = p._state(req).rates
+    window = SeqPlan(0, [7], 100, [], True, num_draft=2)
+    p.on_result(req, window, SeqResult(0, [1, 2, 3], num_accepted_drafts=2))
+    before = list(rates)
+    p.on_result(req, window, SeqResult(0, [4, 5], num_accepted_drafts=1, lookback_accepted=False))
+    assert rates[2] < before[2] and rates[3] == before[3]
+    assert rates[0] > before[0] and rates[1] < before[1]  # this window: kept 1 of 2
+    before = list(rates)
+    p.on_result(req, window, SeqResult(0, [6, 7], num_accepted_drafts=1, lookback_accepted=True))
+    assert rates[2] == before[2]  # the window before kept only one: nothing to look back at
+    full = SeqPlan(0, [7], 100, [], True, num_draft=4)
+    p.on_result(req, full, SeqResult(0, [1, 2, 3, 4, 5], num_accepted_drafts=4))
+    before = list(rates)
+    p.on_result(req, decode(0), SeqResult(0, [9], lookback_accepted=False))
+    assert rates == before  # K = 4 kept: there is no position 5

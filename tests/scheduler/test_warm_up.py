@@ -63,7 +63,7 @@ def test_warm_up_calibrates_and_leaves_nothing_behind(method):
         # (d_tok is weakly excited: a few tokens a forward; the predictions are what count)
         for depth, tokens in [(1, 1), (4, 4), (4, 16), (2, 8)]:
             want = D_FWD * depth + D_TOK * tokens
-            assert costs.draft.predict([depth, tokens]) == pytest.approx(want, rel=0.05)
+            assert costs.draft.predict([1, depth, tokens]) == pytest.approx(want, rel=0.05)
 
     # nothing else learned or counted; the pool is as new
     assert planner.forced_k is None
