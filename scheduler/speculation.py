@@ -24,9 +24,10 @@ the same whatever k is), a choice to speculate must beat k = 0 by more than the 
 model's recent relative error (`_beyond_noise`), and the cost model prices a verified
 draft apart from other tokens (cost_model.py). At 64 requests on the built-in pair on
 CPU, in A/B rounds against the plain rules, these took the draft model from 0.86-0.89x
-of no speculation to 0.96-1.01x, and from 1.46x to 1.56x at one request; a whole-table
-run afterwards still measured 0.89x at 64, inside that host's run-to-run spread
-(benchmarks/RESULTS.md). The n-gram proposer keeps the
+of no speculation to 0.96-1.01x, and from 1.46x to 1.56x at one request; whole-table
+runs later (with the start-up heap frozen, benchmarks/RESULTS.md) measured 0.94-0.97x
+at 64 offline and 0.96x over HTTP, the rest being this planner's own per-step cost
+(~0.3 ms of a 13 ms step at 64 requests) and exploring steps. The n-gram proposer keeps the
 plain rules: with these it measured 4-8% slower at 64 requests in three of four A/B
 rounds (its windows are longer; a window's cost probably has a per-sequence part that
 one per-token term charges to long windows too).
