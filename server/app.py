@@ -29,7 +29,7 @@ from tandem.scheduler.loop import EngineDeadError
 from tandem.scheduler.scheduler import QueueFullError
 from tandem.server.admission import Admission, Gatekeeper, Phase, ServerState
 from tandem.server.config import ServerConfig
-from tandem.server.errors import APIError, install_handlers
+from tandem.server.errors import APIError, bad_request, install_handlers
 from tandem.server.metrics import CONTENT_TYPE, ServerMetrics
 from tandem.server.outputs import EngineFailure, RequestAborted
 from tandem.server.protocol import (
@@ -275,6 +275,8 @@ def _tokenize(ctx: ServingContext, req: TokenizeRequest) -> dict[str, Any]:
     if (req.prompt is None) == (req.messages is None):
         raise APIError(400, "give exactly one of `prompt` and `messages`")
     if req.prompt is not None:
+        if req.tools:
+            raise bad_request("`tools` go with `messages`, not `prompt`", param="tools")
         ids = ctx.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
     else:
         assert req.messages is not None
@@ -284,6 +286,7 @@ def _tokenize(ctx: ServingContext, req: TokenizeRequest) -> dict[str, Any]:
             req.add_generation_prompt,
             req.continue_final_message,
             req.chat_template_kwargs,
+            [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None,
         )
     return {"tokens": ids, "count": len(ids), "max_model_len": ctx.max_model_len}
 

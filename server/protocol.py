@@ -211,6 +211,7 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: bool = True  # for `messages`
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[ToolDef] | None = None  # for `messages`: rendered as a chat completion does
 
 
 class DetokenizeRequest(BaseModel):

@@ -218,3 +218,13 @@ def test_forced_calls_and_schemas_with_ngram_speculation():
                 jsonschema.validate(json.loads(a["message"]["content"]), WEATHER)
 
         asyncio.run(run())
+
+
+def test_tokenize_renders_tools_as_the_chat_route_does(server):
+    with httpx.Client(base_url=server.base_url, timeout=60) as http:
+        tokens = http.post("/tokenize", json={"messages": MESSAGES, "tools": TOOLS}).json()
+        bare = http.post("/tokenize", json={"messages": MESSAGES}).json()
+        chat = http.post("/v1/chat/completions", json=body(max_tokens=1)).json()
+        assert tokens["count"] == chat["usage"]["prompt_tokens"] > bare["count"]
+        r = http.post("/tokenize", json={"prompt": "a", "tools": TOOLS})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
