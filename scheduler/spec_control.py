@@ -166,16 +166,24 @@ def predicted_goodput(
 
 
 def choose_k(
-    cands: list[Candidate], costs: MarginalCosts, base_tokens: float, budget: int
+    cands: list[Candidate],
+    costs: MarginalCosts,
+    base_tokens: float,
+    budget: int,
+    margin: float = 0.0,
 ) -> list[int]:
-    """Drafts per candidate maximising `predicted_goodput` within the token budget."""
+    """Drafts per candidate maximising `predicted_goodput` within the token budget.
+    margin: a caller that takes drafts only if they beat k = 0's goodput by the factor
+    1 + margin gets k = 0 everywhere at once where no choice can (no search)."""
     best = [0] * len(cands)
     top = max((c.rates[0] for c in cands if c.max_k > 0), default=None)
     if top is None or budget <= 0:
         return best
     best_g = base_tokens / costs.base_time  # = predicted_goodput(best, ...)
-    # Fast exit (high load): no increment pays, even before any per-depth overhead.
-    if top <= best_g * costs.per_draft_token:
+    # Fast exits (high load): no increment pays, even before any per-depth overhead;
+    # or no depth's best drafts pay their depth's overhead
+    floor = best_g * (1 + margin)
+    if top <= floor * costs.per_draft_token or not _any_depth_pays(cands, costs, floor):
         return best
     probs = [_cumulative(c) for c in cands]
     goodput = _goodput_of(probs, costs, base_tokens)
@@ -195,6 +203,33 @@ def choose_k(
         if ks is not None and lam > best_g:
             best_g, best = lam, ks
     return best
+
+
+def _any_depth_pays(cands: list[Candidate], costs: MarginalCosts, lam: float) -> bool:
+    """Whether some ks beat goodput lam, as far as a bound can tell (False is exact:
+    then k = 0 everywhere is the argmax). ks of depth m beat lam iff N(k) - lam T(k) > 0,
+    i.e. sum_i V_i(k_i) > lam F(m) with V_i(k) = sum_{j<=k} (P_i(j) - lam c_j); with no
+    budget, and each V_i at its best over k <= m, the left side is largest. One pass,
+    O(sum of max_k): at 64 requests this settles most steps that do not speculate
+    without the Dinkelbach rounds."""
+    first = lam * costs.per_draft_token
+    further = lam * (costs.per_draft_token + costs.per_draft_row)
+    depth = max(c.max_k for c in cands)
+    best_at = [0.0] * (depth + 2)  # best_at[m]: sum_i max_{k <= m} V_i(k), as increments
+    for c in cands:
+        p, value, best = 1.0, 0.0, 0.0
+        for j in range(c.max_k):
+            p *= c.rates[j]
+            value += p - (first if j == 0 else further)
+            if value > best:
+                best_at[j + 1] += value - best
+                best = value
+    total = 0.0
+    for m in range(1, depth + 1):
+        total += best_at[m]
+        if total > lam * (costs.draft_catch_up + costs.per_draft_forward * (m - 1)):
+            return True
+    return False
 
 
 def _goodput_of(probs: list[list[float]], costs: MarginalCosts, base_tokens: float):

@@ -122,17 +122,18 @@ class SpecPlanner:
             if sp is None or req.status != RequestStatus.RUNNING or not sp.sample:
                 continue
             state = self._state(req)
-            max_k = self._max_k(req)
+            tokens_left = req.sampling.max_tokens - req.num_output_tokens
+            max_k = self._max_k(req, tokens_left)
             if state.ngram is not None:
                 state.proposal = state.ngram.propose(req.token_ids, max_k)
                 max_k = len(state.proposal)
             chosen.append((req, sp))
             cands.append(Candidate(max_k, state.rates))
-            left += req.sampling.max_tokens - req.num_output_tokens
+            left += tokens_left
         catch_up = self._catch_up_tokens(plans, by_seq)
         horizon = max(1.0, left / max(len(cands), 1))  # steps the requests still run, about
         ks, exploring = self._choose(cands, chosen, plans, catch_up, budget, horizon)
-        used = sum(self._apply_k(req, sp, k) for (req, sp), k in zip(chosen, ks, strict=True))
+        used = sum(self._apply_k(req, sp, k) for (req, sp), k in zip(chosen, ks, strict=True) if k)
         if exploring:  # the draft catches up the explored sequence only
             for sp in plans:
                 sp.draft_catch_up = sp.num_draft > 0
@@ -154,12 +155,11 @@ class SpecPlanner:
             req.spec = RequestSpec(self.tracker.new_rates(), ngram)
         return req.spec
 
-    def _max_k(self, req: Request) -> int:
+    def _max_k(self, req: Request, tokens_left: int) -> int:
         """Drafts that can still be useful: K, the request's cap, and one fewer than
-        the tokens it may still produce (the last is always the target's own)."""
-        left = min(
-            req.sampling.max_tokens - req.num_output_tokens, self.max_len - len(req.token_ids)
-        )
+        the tokens it may still produce (the last is always the target's own).
+        tokens_left: its max_tokens less its outputs so far."""
+        left = min(tokens_left, self.max_len - len(req.token_ids))
         cap = self.max_k if req.max_draft_tokens is None else min(self.max_k, req.max_draft_tokens)
         return max(0, min(cap, left - 1))
 
@@ -214,7 +214,9 @@ class SpecPlanner:
             step_tokens = sum(len(sp.token_ids) for sp in plans)
             steady = step_tokens + max(catch_up - step_tokens, 0) / horizon
         costs = self.costs.marginal(base, steady)
-        ks = choose_k(cands, costs, base_tokens, budget)
+        ks = choose_k(
+            cands, costs, base_tokens, budget, self.prediction_error if draft_model else 0
+        )
         if any(ks) and draft_model:
             ks = self._beyond_noise(ks, cands, costs, base_tokens)
         if any(ks) or not draft_model or budget <= 0:

@@ -21,6 +21,7 @@ from tandem.scheduler.cost_model import (
 from tandem.scheduler.spec_control import (
     AcceptanceTracker,
     Candidate,
+    _any_depth_pays,
     choose_k,
     expected_tokens,
     predicted_goodput,
@@ -74,6 +75,57 @@ def test_choose_k_equals_brute_force_on_random_cases():
         got = predicted_goodput(ks, cands, costs, base_tokens)
         want = brute_force(cands, costs, base_tokens, budget)
         assert got == pytest.approx(want, rel=1e-9), (trial, ks)
+
+
+def test_the_no_depth_pays_screen_never_hides_a_better_choice():
+    """choose_k's screen: where it says no depth pays, brute force finds nothing better
+    than k = 0 everywhere; and it does say so on a good share of random cases."""
+    rng = random.Random(1)
+    said_no = 0
+    for _ in range(400):
+        n = rng.randint(1, 4)
+        cands = [
+            Candidate(rng.randint(1, 3), [rng.uniform(0.05, 1.0) for _ in range(3)])
+            for _ in range(n)
+        ]
+        costs = MarginalCosts(
+            base_time=rng.uniform(1, 20),
+            per_draft_token=rng.uniform(0, 3),
+            draft_catch_up=rng.choice([0.0, rng.uniform(0, 8)]),
+            per_draft_forward=rng.choice([0.0, rng.uniform(0, 5)]),
+            per_draft_row=rng.uniform(0, 1),
+        )
+        base_tokens = n + rng.randint(0, 2)
+        lam = base_tokens / costs.base_time
+        if not _any_depth_pays(cands, costs, lam):
+            said_no += 1
+            assert brute_force(cands, costs, base_tokens, 99) <= lam * (1 + 1e-12)
+    assert 100 < said_no < 350, said_no
+
+
+def test_with_a_margin_choose_k_gives_up_only_what_the_margin_rejects():
+    rng = random.Random(2)
+    gave_up = 0
+    for _ in range(300):
+        n = rng.randint(1, 4)
+        cands = [Candidate(rng.randint(1, 3), [rng.uniform(0.3, 1.0)] * 3) for _ in range(n)]
+        costs = MarginalCosts(
+            base_time=rng.uniform(1, 20),
+            per_draft_token=rng.uniform(0, 2),
+            draft_catch_up=rng.uniform(0, 4),
+            per_draft_forward=rng.uniform(0, 2),
+            per_draft_row=rng.uniform(0, 0.5),
+        )
+        base_tokens, margin = n, rng.uniform(0, 0.3)
+        plain = choose_k(cands, costs, base_tokens, 99)
+        ks = choose_k(cands, costs, base_tokens, 99, margin)
+        if any(ks):
+            assert ks == plain
+        elif any(plain):
+            gave_up += 1
+            gain = predicted_goodput(plain, cands, costs, base_tokens) * costs.base_time / n
+            assert gain <= 1 + margin + 1e-12
+    assert gave_up > 10, gave_up
 
 
 def test_high_acceptance_and_few_requests_speculate():
