@@ -288,3 +288,22 @@ def _best_response(
     for _, _, i in gains[:budget]:
         ks[i] += 1
     return ks
+
+
+def fit_budget(ks: list[int], budget: int) -> list[int]:
+    """The fixed policy's (and the warm-up's) ks under a token budget: cap every k at
+    one level so that sum(ks) <= budget, the largest cut first; the budget left under
+    the cap goes one token each to the requests that were cut."""
+    budget = max(budget, 0)
+    level = max(ks, default=0)
+    while level > 0 and sum(min(k, level) for k in ks) > budget:
+        level -= 1
+    out = [min(k, level) for k in ks]
+    spare = budget - sum(out)
+    for i, k in enumerate(ks):
+        if spare <= 0:
+            break
+        if k > level:
+            out[i] += 1
+            spare -= 1
+    return out

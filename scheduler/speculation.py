@@ -49,6 +49,7 @@ from tandem.scheduler.spec_control import (
     Candidate,
     RequestSpec,
     choose_k,
+    fit_budget,
     predicted_goodput,
 )
 from tandem.scheduler.stats import SpecStats
@@ -189,9 +190,9 @@ class SpecPlanner:
         candidates still have, about."""
         zeros = [0] * len(cands)
         if self.forced_k is not None:
-            return _fit_budget([min(self.forced_k, c.max_k) for c in cands], budget), False
+            return fit_budget([min(self.forced_k, c.max_k) for c in cands], budget), False
         if self.spec.speculation_policy == "fixed":
-            return _fit_budget([c.max_k for c in cands], budget), False
+            return fit_budget([c.max_k for c in cands], budget), False
         if not self.costs.ready or not cands:
             return zeros, False  # nothing measured yet: the first step learns
         # With the draft model the ratio weighs decode work only: a prompt chunk in the
@@ -400,21 +401,3 @@ class SpecPlanner:
                 s.measured_step_time_s,
                 s.num_predicted_steps,
             )
-
-
-def _fit_budget(ks: list[int], budget: int) -> list[int]:
-    """Cap every k at one level so that sum(ks) <= budget, the largest cut first; the
-    budget left under the cap goes one token each to the requests that were cut."""
-    budget = max(budget, 0)
-    level = max(ks, default=0)
-    while level > 0 and sum(min(k, level) for k in ks) > budget:
-        level -= 1
-    out = [min(k, level) for k in ks]
-    spare = budget - sum(out)
-    for i, k in enumerate(ks):
-        if spare <= 0:
-            break
-        if k > level:
-            out[i] += 1
-            spare -= 1
-    return out

@@ -53,22 +53,27 @@ def brute_force(cands, costs, base_tokens, budget) -> float:
     return best
 
 
+def random_case(rng: random.Random, min_k: int = 0):
+    """1-4 candidates (max_k in min_k..3, random rates), random costs, base tokens."""
+    n = rng.randint(1, 4)
+    cands = [
+        Candidate(rng.randint(min_k, 3), [rng.uniform(0.05, 1.0) for _ in range(3)])
+        for _ in range(n)
+    ]
+    costs = MarginalCosts(
+        base_time=rng.uniform(1, 20),
+        per_draft_token=rng.choice([0.0, rng.uniform(0, 3)]),
+        draft_catch_up=rng.choice([0.0, rng.uniform(0, 8)]),
+        per_draft_forward=rng.choice([0.0, rng.uniform(0, 5)]),
+        per_draft_row=rng.uniform(0, 1),
+    )
+    return cands, costs, n + rng.randint(0, 2)
+
+
 def test_choose_k_equals_brute_force_on_random_cases():
     rng = random.Random(0)
     for trial in range(300):
-        n = rng.randint(1, 4)
-        cands = [
-            Candidate(rng.randint(0, 3), [rng.uniform(0.05, 1.0) for _ in range(3)])
-            for _ in range(n)
-        ]
-        costs = MarginalCosts(
-            base_time=rng.uniform(1, 20),
-            per_draft_token=rng.choice([0.0, rng.uniform(0, 3)]),
-            draft_catch_up=rng.choice([0.0, rng.uniform(0, 8)]),
-            per_draft_forward=rng.choice([0.0, rng.uniform(0, 5)]),
-            per_draft_row=rng.uniform(0, 1),
-        )
-        base_tokens = n + rng.randint(0, 2)
+        cands, costs, base_tokens = random_case(rng)
         budget = rng.randint(0, 8)
         ks = choose_k(cands, costs, base_tokens, budget)
         assert sum(ks) <= budget and all(0 <= k <= c.max_k for k, c in zip(ks, cands, strict=True))
@@ -83,19 +88,7 @@ def test_the_no_depth_pays_screen_never_hides_a_better_choice():
     rng = random.Random(1)
     said_no = 0
     for _ in range(400):
-        n = rng.randint(1, 4)
-        cands = [
-            Candidate(rng.randint(1, 3), [rng.uniform(0.05, 1.0) for _ in range(3)])
-            for _ in range(n)
-        ]
-        costs = MarginalCosts(
-            base_time=rng.uniform(1, 20),
-            per_draft_token=rng.uniform(0, 3),
-            draft_catch_up=rng.choice([0.0, rng.uniform(0, 8)]),
-            per_draft_forward=rng.choice([0.0, rng.uniform(0, 5)]),
-            per_draft_row=rng.uniform(0, 1),
-        )
-        base_tokens = n + rng.randint(0, 2)
+        cands, costs, base_tokens = random_case(rng, min_k=1)
         lam = base_tokens / costs.base_time
         if not _any_depth_pays(cands, costs, lam):
             said_no += 1
