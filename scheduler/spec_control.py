@@ -173,13 +173,16 @@ def choose_k(
     margin: float = 0.0,
 ) -> list[int]:
     """Drafts per candidate maximising `predicted_goodput` within the token budget.
-    margin: a caller that takes drafts only if they beat k = 0's goodput by the factor
-    1 + margin gets k = 0 everywhere at once where no choice can (no search)."""
+    margin: k = 0 everywhere unless the best choice beats k = 0's goodput by the
+    factor 1 + margin (the draft model's planner passes its cost model's recent error:
+    a choice made on a prediction is biased towards where the prediction erred), and
+    where a bound shows no choice can, at once, without the search."""
     best = [0] * len(cands)
     top = max((c.rates[0] for c in cands if c.max_k > 0), default=None)
     if top is None or budget <= 0:
         return best
     best_g = base_tokens / costs.base_time  # = predicted_goodput(best, ...)
+    zero_g = best_g
     # Fast exits (high load): no increment pays, even before any per-depth overhead;
     # or no depth's best drafts pay their depth's overhead
     floor = best_g * (1 + margin)
@@ -187,22 +190,22 @@ def choose_k(
         return best
     probs = [_cumulative(c) for c in cands]
     goodput = _goodput_of(probs, costs, base_tokens)
-    depth_limit = min(max(len(p) for p in probs), budget)
-    for depth in range(1, depth_limit + 1):
+    for depth in range(1, min(max(len(p) for p in probs), budget) + 1):
         lam, ks = best_g, None
-        for i in range(50):  # Dinkelbach; converges in a few rounds
-            resp = _best_response(probs, depth, lam, costs, budget)
-            if i == 0 and max(resp, default=0) < depth:
-                # no draft at this depth pays even at the best goodput so far; deeper
-                # positions are no likelier and cost as much, so no deeper depth pays
-                return best
+        resp = _best_response(probs, depth, lam, costs, budget)
+        if max(resp, default=0) < depth:
+            # no draft at this depth pays even at the best goodput so far; deeper
+            # positions are no likelier and cost as much, so no deeper depth pays
+            break
+        for _ in range(50):  # Dinkelbach; converges in a few rounds
             g = goodput(resp)
             if g <= lam * (1 + 1e-12):
                 break
             lam, ks = g, resp
+            resp = _best_response(probs, depth, lam, costs, budget)
         if ks is not None and lam > best_g:
             best_g, best = lam, ks
-    return best
+    return best if best_g > zero_g * (1 + margin) else [0] * len(cands)
 
 
 def _any_depth_pays(cands: list[Candidate], costs: MarginalCosts, lam: float) -> bool:

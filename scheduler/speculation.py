@@ -21,7 +21,7 @@ that request alone.
 With the draft model the controller's bar is higher than the step's predicted goodput:
 it compares the goodput of the step's decode work (a prompt chunk in the same step costs
 the same whatever k is), a choice to speculate must beat k = 0 by more than the cost
-model's recent relative error (`_beyond_noise`), and the cost model prices a verified
+model's recent relative error (`_choose`), and the cost model prices a verified
 draft apart from other tokens (cost_model.py). At 64 requests on the built-in pair on
 CPU, in A/B rounds against the plain rules, these took the draft model from 0.86-0.89x
 of no speculation to 0.96-1.01x, and from 1.46x to 1.56x at one request; whole-table
@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 from tandem.engine.plan import SeqPlan, SeqResult, StepPlan, StepResult
 from tandem.engine.spec_config import SpeculativeConfig
-from tandem.scheduler.cost_model import MarginalCosts, StepCostModel, StepFeatures
+from tandem.scheduler.cost_model import StepCostModel, StepFeatures
 from tandem.scheduler.kv_blocks import BlockPool
 from tandem.scheduler.ngram import NgramIndex
 from tandem.scheduler.request import Request, RequestStatus
@@ -50,7 +50,6 @@ from tandem.scheduler.spec_control import (
     RequestSpec,
     choose_k,
     fit_budget,
-    predicted_goodput,
 )
 from tandem.scheduler.stats import SpecStats
 
@@ -169,11 +168,12 @@ class SpecPlanner:
         catches up these sequences (backlog included); None without a draft model."""
         if not self.spec.uses_draft_model:
             return None
-        total = 0
-        for sp in plans:
-            have = min(self._state(by_seq[sp.seq_id]).draft_computed, sp.start_pos)
-            total += sp.start_pos + len(sp.token_ids) - have
-        return total
+        return sum(self._lag(by_seq[sp.seq_id], sp) for sp in plans)
+
+    def _lag(self, req: Request, sp: SeqPlan) -> int:
+        """Tokens the draft's catch-up computes for req this step: its backlog and sp's."""
+        have = min(self._state(req).draft_computed, sp.start_pos)
+        return sp.start_pos + len(sp.token_ids) - have
 
     def _choose(
         self,
@@ -215,31 +215,20 @@ class SpecPlanner:
             step_tokens = sum(len(sp.token_ids) for sp in plans)
             steady = step_tokens + max(catch_up - step_tokens, 0) / horizon
         costs = self.costs.marginal(base, steady)
-        ks = choose_k(
-            cands, costs, base_tokens, budget, self.prediction_error if draft_model else 0
-        )
-        if any(ks) and draft_model:
-            ks = self._beyond_noise(ks, cands, costs, base_tokens)
+        # With the draft model a choice to speculate must beat k = 0 by more than the
+        # cost model's recent relative error (EWMA of |measured / predicted - 1| over
+        # whole steps): a choice made on a prediction is biased towards where the
+        # prediction erred. At 64 requests the steps the controller chose to speculate
+        # in were those whose k = 0 time the fit had put high (18.4 ms predicted there,
+        # 16.0 measured in the others), and a gain of 10% inside that noise lost time.
+        margin = self.prediction_error if draft_model else 0.0
+        ks = choose_k(cands, costs, base_tokens, budget, margin)
         if any(ks) or not draft_model or budget <= 0:
             return ks, False
         best = self._explore(cands, chosen, base, base_tokens)
         return (
             (zeros, False) if best is None else ([int(i == best) for i in range(len(cands))], True)
         )
-
-    def _beyond_noise(
-        self, ks: list[int], cands: list[Candidate], costs: MarginalCosts, base_tokens: int
-    ) -> list[int]:
-        """ks if their predicted gain over k = 0 exceeds the cost model's relative error
-        (EWMA of |measured / predicted - 1| over recent whole steps: where prompt chunks
-        make steps longer than their decode work, the bar is that much lower), else
-        k = 0 for all. A
-        choice made on a prediction is biased towards where the prediction erred: at
-        64 requests, the steps the controller chose to speculate in were those whose
-        k = 0 time the fit had put high (18.4 ms predicted there; 16.0 measured in the
-        steps it did not), and a gain of 10% inside that noise lost time."""
-        gain = predicted_goodput(ks, cands, costs, base_tokens) * costs.base_time / base_tokens
-        return ks if gain > 1 + self.prediction_error else [0] * len(ks)
 
     def _explore(
         self,
@@ -261,9 +250,7 @@ class SpecPlanner:
         best = max(range(len(cands)), key=lambda i: (cands[i].max_k > 0, cands[i].rates[0]))
         if cands[best].max_k == 0:
             return None
-        req, sp = chosen[best]
-        own = sp.start_pos + len(sp.token_ids) - min(self._state(req).draft_computed, sp.start_pos)
-        costs = self.costs.marginal(base, own)
+        costs = self.costs.marginal(base, self._lag(*chosen[best]))
         # spec_control.predicted_goodput of one draft for `best` against none, in O(1)
         keep = base_tokens / costs.base_time
         gain = cands[best].rates[0]

@@ -10,7 +10,7 @@ from tandem.engine.spec_config import SpeculativeConfig
 from tandem.scheduler.cost_model import MarginalCosts, StepFeatures
 from tandem.scheduler.kv_blocks import BlockPool
 from tandem.scheduler.request import Request
-from tandem.scheduler.spec_control import Candidate, predicted_goodput
+from tandem.scheduler.spec_control import Candidate, choose_k, predicted_goodput
 from tandem.scheduler.speculation import SpecPlanner
 
 
@@ -57,16 +57,15 @@ def test_a_prompt_chunk_in_the_step_does_not_lower_the_bar():
 
 
 def test_a_gain_inside_the_prediction_error_is_not_taken():
-    p = planner()
+    """The draft model's planner passes its prediction error to choose_k as the margin."""
     cands = [Candidate(4, [0.6] * 4) for _ in range(4)]
     ks = [1, 1, 1, 1]
     costs = MarginalCosts(base_time=10.0, per_draft_token=1.3)
     gain = predicted_goodput(ks, cands, costs, 4) * costs.base_time / 4
     assert 1.04 < gain < 1.06  # 6.4 tokens in 15.2 ms against 4 in 10
-    p.prediction_error = 0.10
-    assert p._beyond_noise(ks, cands, costs, 4) == [0, 0, 0, 0]
-    p.prediction_error = 0.02
-    assert p._beyond_noise(ks, cands, costs, 4) == ks
+    assert choose_k(cands, costs, 4, 64) == ks  # the best choice
+    assert choose_k(cands, costs, 4, 64, margin=0.10) == [0, 0, 0, 0]
+    assert choose_k(cands, costs, 4, 64, margin=0.02) == ks
 
 
 def test_the_prediction_error_follows_measured_steps():
