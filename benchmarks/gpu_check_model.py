@@ -19,7 +19,7 @@ import triton
 
 from benchmarks.gpu_check_report import Section, sync
 from tandem.engine.config import EngineConfig
-from tandem.engine.model_input import RunSeq, build_model_input
+from tandem.engine.model_input import RunSeq
 from tandem.engine.model_runner import ModelRunner
 
 # ~1.1B parameters, Llama-3.2-1B-like but with a 32k vocabulary
@@ -96,7 +96,7 @@ def tandem_greedy(runner: ModelRunner, prompts: list[list[int]], n: int) -> list
     seqs = [RunSeq(p, 0, t, len(p) - 1) for p, t in zip(prompts, tables, strict=True)]
     out: list[list[int]] = [[] for _ in prompts]
     for _ in range(n):
-        logits = runner.execute(build_model_input(seqs, runner.block_size, runner.device))
+        logits = runner.execute(runner.build_input(seqs))
         for toks, tok in zip(out, logits.argmax(-1).tolist(), strict=True):
             toks.append(tok)
         seqs = [RunSeq([o[-1]], s.start_pos + len(s.token_ids), s.block_table, 0)
@@ -111,12 +111,12 @@ def tandem_windows(runner: ModelRunner, prompts, continuations) -> list[list[int
     blocks = Blocks(runner.block_size, runner.num_blocks)
     tables = [blocks.take(len(p) + len(c)) for p, c in zip(prompts, continuations, strict=True)]
     seqs = [RunSeq(p, 0, t, len(p) - 1) for p, t in zip(prompts, tables, strict=True)]
-    inp = build_model_input(seqs, runner.block_size, runner.device)
+    inp = runner.build_input(seqs)
     preds = runner.execute(inp).argmax(-1).view(-1, 1).tolist()
     for j in range(0, len(continuations[0]) - WINDOW + 1, WINDOW):
         seqs = [RunSeq(c[j : j + WINDOW], len(p) + j, t, 0)
                 for p, c, t in zip(prompts, continuations, tables, strict=True)]  # fmt: skip
-        logits = runner.execute(build_model_input(seqs, runner.block_size, runner.device))
+        logits = runner.execute(runner.build_input(seqs))
         rows = logits.argmax(-1).view(len(prompts), WINDOW).tolist()
         for pred, row in zip(preds, rows, strict=True):
             pred.extend(row)
@@ -135,10 +135,10 @@ def graph_vs_eager(runner: ModelRunner, prompts, continuations) -> dict:
     blocks = Blocks(runner.block_size, runner.num_blocks)
     tables = [blocks.take(len(p) + WINDOW) for p in prompts]
     seqs = [RunSeq(p, 0, t, len(p)) for p, t in zip(prompts, tables, strict=True)]
-    runner.execute(build_model_input(seqs, runner.block_size, runner.device))
+    runner.execute(runner.build_input(seqs))
     seqs = [RunSeq(c[:WINDOW], len(p), t, 0)
             for p, c, t in zip(prompts, continuations, tables, strict=True)]  # fmt: skip
-    inp = build_model_input(seqs, runner.block_size, runner.device)
+    inp = runner.build_input(seqs)
     replayed = runner.execute(inp).clone()
     same_plan = dataclasses.replace(
         inp, attn_meta=dataclasses.replace(inp.attn_meta, max_seq_len=runner.graphs.max_model_len)
@@ -250,11 +250,7 @@ def _prefill(runner: ModelRunner, tables, ctx: int, chunk_tokens: int) -> list[i
     for i in range(0, len(tables), per_step):
         seqs = [RunSeq(torch.randint(3, 500, (ctx,), generator=g).tolist(), 0, t, ctx - 1)
                 for t in tables[i : i + per_step]]  # fmt: skip
-        last += (
-            runner.execute(build_model_input(seqs, runner.block_size, runner.device))
-            .argmax(-1)
-            .tolist()
-        )
+        last += runner.execute(runner.build_input(seqs)).argmax(-1).tolist()
     return last
 
 
@@ -272,7 +268,7 @@ def decode_throughput(section: Section, runner, batch: int, ctx: int, steps: int
             seqs = [RunSeq([t], pos, tb, 0) for t, tb in zip(tokens, tables, strict=True)]
             sync(runner.device)
             t0 = time.perf_counter()
-            logits = runner.execute(build_model_input(seqs, runner.block_size, runner.device))
+            logits = runner.execute(runner.build_input(seqs))
             tokens = logits.argmax(-1).tolist()
             if s >= 3:
                 times.append(time.perf_counter() - t0)
@@ -340,9 +336,7 @@ def prefill_throughput(section: Section, runner, num_seqs: int, seq_len: int, pe
     seqs = [RunSeq([3 + i % 400 for i in range(seq_len)], 0, t, seq_len - 1) for t in tables]
 
     def step():
-        runner.execute(build_model_input(seqs, runner.block_size, runner.device)).argmax(
-            -1
-        ).tolist()
+        runner.execute(runner.build_input(seqs)).argmax(-1).tolist()
 
     step()
     reps, t0 = 3, time.perf_counter()

@@ -17,7 +17,7 @@ import torch
 
 from benchmarks.gpu_check_model import Blocks, _prefill
 from benchmarks.gpu_check_report import Section, sync
-from tandem.engine.model_input import RunSeq, build_model_input
+from tandem.engine.model_input import RunSeq
 
 
 def decode_breakdown(section: Section, runner, batch: int, ctx: int, steps: int) -> None:
@@ -31,7 +31,7 @@ def decode_breakdown(section: Section, runner, batch: int, ctx: int, steps: int)
         nonlocal tokens, pos
         seqs = [RunSeq([t], pos, tb, 0) for t, tb in zip(tokens, tables, strict=True)]
         t0 = time.perf_counter()
-        inp = build_model_input(seqs, runner.block_size, runner.device)
+        inp = runner.build_input(seqs)
         t1 = time.perf_counter()
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -58,7 +58,7 @@ def decode_breakdown(section: Section, runner, batch: int, ctx: int, steps: int)
         inp = step(times)
     mode = "graphs" if runner.graphs is not None else "eager"
     details = {
-        "build": "build_model_input (numpy + host-to-device copies)",
+        "build": "runner.build_input (numpy + host-to-device copies)",
         "launch": "runner.execute + argmax, host time to enqueue",
         "step": "all of it, with the host sync (as in the throughput table)",
         "device span": "events around execute + argmax",

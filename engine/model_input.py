@@ -10,6 +10,7 @@ so no layer recomputes it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,8 +48,18 @@ def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return np.arange(total, dtype=np.int64) - offsets + np.repeat(starts, counts)
 
 
-def _tensor(a: np.ndarray, device: torch.device | str) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+def _uploader(
+    device: torch.device | str, non_blocking: bool
+) -> Callable[[np.ndarray], torch.Tensor]:
+    """A function putting numpy arrays on `device`. non_blocking (CUDA only): staged
+    through pinned memory and copied without waiting for the stream; a plain pageable
+    copy synchronises the stream, which would hold the host behind every queued step."""
+    device = torch.device(device)
+    if non_blocking and device.type == "cuda":
+        return lambda a: (
+            torch.from_numpy(np.ascontiguousarray(a)).pin_memory().to(device, non_blocking=True)
+        )
+    return lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
 
 
 def _validate(seqs: list[RunSeq], block_size: int) -> None:
@@ -70,7 +81,7 @@ def _validate(seqs: list[RunSeq], block_size: int) -> None:
             )
 
 
-def _bucket(sel, q_lens, q_start, seq_lens, tables, block_size, whole, device) -> AttnBucket:
+def _bucket(sel, q_lens, q_start, seq_lens, tables, block_size, whole, put) -> AttnBucket:
     """The AttnBucket of sequences `sel` (indices into the step's sequences)."""
     q_lens, q_start, seq_lens = q_lens[sel], q_start[sel], seq_lens[sel]
     num_seqs, q_max = len(sel), int(q_lens.max())
@@ -88,13 +99,11 @@ def _bucket(sel, q_lens, q_start, seq_lens, tables, block_size, whole, device) -
         num_seqs=num_seqs,
         query_len=q_max,
         kv_len=kv_len,
-        token_indices=None if whole else _tensor(tokens, device),
-        query_indices=_tensor((q_start[:, None] + slot).reshape(-1), device) if padded else None,
-        output_indices=_tensor(_ranges(np.arange(num_seqs) * q_max, q_lens), device)
-        if padded
-        else None,
-        block_indices=_tensor(tables[sel, :max_blocks].reshape(-1).astype(np.int64), device),
-        mask=_tensor(mask[:, None], device),
+        token_indices=None if whole else put(tokens),
+        query_indices=put((q_start[:, None] + slot).reshape(-1)) if padded else None,
+        output_indices=put(_ranges(np.arange(num_seqs) * q_max, q_lens)) if padded else None,
+        block_indices=put(tables[sel, :max_blocks].reshape(-1).astype(np.int64)),
+        mask=put(mask[:, None]),
     )
 
 
@@ -108,9 +117,18 @@ def _block_table_array(seqs: list[RunSeq], seq_lens: np.ndarray, block_size: int
 
 
 def build_model_input(
-    seqs: list[RunSeq], block_size: int, device: torch.device | str
+    seqs: list[RunSeq],
+    block_size: int,
+    device: torch.device | str,
+    *,
+    buckets: bool = True,
+    non_blocking: bool = False,
 ) -> ModelInput:
     """Flatten `seqs` (in order) into one step's tensors on `device`.
+
+    buckets: build the gathered-KV buckets (AttnMetadata.decode / .runs); only the torch
+    backend reads them (AttentionBackend.uses_buckets), others skip their masks and
+    copies. non_blocking: copy to a CUDA device without a stream sync (see _uploader).
 
     Raises ValueError for an empty step or run, a bad logits_from, or a block table
     too short for start_pos + len(token_ids) tokens.
@@ -126,13 +144,14 @@ def build_model_input(
     slots = tables[seq_of_token, positions // block_size].astype(np.int64) * block_size + (
         positions % block_size
     )
+    put = _uploader(device, non_blocking)
     is_decode = q_lens == 1
-    buckets = {}
+    groups = {}
     for name, sel in (("decode", np.flatnonzero(is_decode)), ("runs", np.flatnonzero(~is_decode))):
-        if len(sel):
+        if buckets and len(sel):
             whole = len(sel) == len(seqs)
-            buckets[name] = _bucket(
-                sel, q_lens, q_start[:-1], seq_lens, tables, block_size, whole, device
+            groups[name] = _bucket(
+                sel, q_lens, q_start[:-1], seq_lens, tables, block_size, whole, put
             )
     num_logits = q_lens - np.array([s.logits_from for s in seqs], dtype=np.int64)
     logits_indices = _ranges(q_start[:-1] + q_lens - num_logits, num_logits)
@@ -141,21 +160,21 @@ def build_model_input(
     )
 
     meta = AttnMetadata(
-        query_start_loc=_tensor(q_start.astype(np.int32), device),
-        seq_lens=_tensor(seq_lens.astype(np.int32), device),
-        block_tables=_tensor(tables, device),
-        slot_mapping=_tensor(slots, device),
+        query_start_loc=put(q_start.astype(np.int32)),
+        seq_lens=put(seq_lens.astype(np.int32)),
+        block_tables=put(tables),
+        slot_mapping=put(slots),
         max_query_len=int(q_lens.max()),
         max_seq_len=int(seq_lens.max()),
         num_tokens=int(q_start[-1]),
-        decode=buckets.get("decode"),
-        runs=buckets.get("runs"),
+        decode=groups.get("decode"),
+        runs=groups.get("runs"),
     )
     return ModelInput(
-        input_ids=_tensor(input_ids, device),
-        positions=_tensor(positions, device),
+        input_ids=put(input_ids),
+        positions=put(positions),
         attn_meta=meta,
-        logits_indices=_tensor(logits_indices, device),
+        logits_indices=put(logits_indices),
         logits_query_start=[0, *np.cumsum(num_logits).tolist()],
         num_logits=num_logits.tolist(),
     )

@@ -1,8 +1,7 @@
 """The model runner: one model, its paged KV cache, and a forward per step.
 
 runner = ModelRunner(EngineConfig(model="path/to/hf-dir"))
-inp = build_model_input([RunSeq(prompt_ids, 0, block_ids, len(prompt_ids) - 1)],
-                        runner.block_size, runner.device)
+inp = runner.build_input([RunSeq(prompt_ids, 0, block_ids, len(prompt_ids) - 1)])
 logits = runner.execute(inp)  # (1, V) float32: the next-token logits
 """
 
@@ -17,7 +16,7 @@ import torch
 from tandem.engine.config import EngineConfig
 from tandem.engine.cuda_graphs import CudaGraphRunner, cuda_graph_refusals
 from tandem.engine.kv_cache import KVCacheSpec, allocate_kv_caches, num_blocks_for
-from tandem.engine.model_input import ModelInput
+from tandem.engine.model_input import ModelInput, RunSeq, build_model_input
 from tandem.engine.models.layers import TPInfo
 from tandem.engine.models.loader import (
     checkpoint_dtype,
@@ -137,6 +136,17 @@ class ModelRunner:
     @property
     def vocab_size(self) -> int:
         return int(self.hf_config.vocab_size)
+
+    def build_input(self, seqs: list[RunSeq], non_blocking: bool = False) -> ModelInput:
+        """`seqs` flattened into one step's inputs on this runner's device, with the
+        metadata its attention backend reads (see build_model_input)."""
+        return build_model_input(
+            seqs,
+            self.block_size,
+            self.device,
+            buckets=self.backend.uses_buckets,
+            non_blocking=non_blocking,
+        )
 
     @torch.inference_mode()
     def execute(self, inp: ModelInput) -> torch.Tensor:

@@ -48,7 +48,7 @@ import torch
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.draft_input import advance, can_advance
-from tandem.engine.model_input import ModelInput, RunSeq, build_model_input
+from tandem.engine.model_input import ModelInput, RunSeq
 from tandem.engine.model_runner import ModelRunner
 from tandem.engine.plan import SeqPlan, StepPlan
 from tandem.engine.sampler import Sampler, SampleRow, SamplingMetadata
@@ -216,7 +216,7 @@ class DraftModelProposer:
                     RunSeq([drafts[i][-1]], pos, seqs[i][1].block_table, 0)
                     for i, pos in zip(active, positions, strict=True)
                 ]
-                inp = build_model_input(run_seqs, self.runner.block_size, self.runner.device)
+                inp = self.runner.build_input(run_seqs)
             for i, pos in zip(active, positions, strict=True):
                 seqs[i][1].num_draft_computed = pos + 1
             logits = self.runner.execute(inp)
@@ -235,7 +235,7 @@ class DraftModelProposer:
         return s.sample_row(p.start_pos + len(p.token_ids), drafts, for_draft=True)
 
     def _forward(self, run_seqs: list[RunSeq]) -> torch.Tensor:
-        inp = build_model_input(run_seqs, self.runner.block_size, self.runner.device)
+        inp = self.runner.build_input(run_seqs)
         return self.runner.execute(inp)
 
     def _sample(self, logits: torch.Tensor, rows: list[SampleRow]) -> list[int]:

@@ -76,6 +76,7 @@ class FlashAttnBackend:
     name = "flash_attn"
     ops_module = "tandem.kernels.triton_ops"
     supports_cuda_graphs = True
+    uses_buckets = False
 
     @classmethod
     def unavailable_reasons(

@@ -85,6 +85,7 @@ class NpuAttentionBackend:
     name = "npu"
     ops_module = "tandem.kernels.torch_ref"
     supports_cuda_graphs = False
+    uses_buckets = False
 
     @classmethod
     def unavailable_reasons(

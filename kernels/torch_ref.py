@@ -204,6 +204,7 @@ class TorchAttentionBackend:
     name = "torch"
     ops_module = __name__
     supports_cuda_graphs = False  # bucket shapes and masks change with every step
+    uses_buckets = True
 
     @classmethod
     def unavailable_reasons(

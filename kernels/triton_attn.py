@@ -401,6 +401,7 @@ class TritonAttentionBackend:
     name = "triton"
     ops_module = "tandem.kernels.triton_ops"
     supports_cuda_graphs = True
+    uses_buckets = False
 
     @classmethod
     def unavailable_reasons(

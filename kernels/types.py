@@ -71,6 +71,8 @@ class AttentionBackend(Protocol):
     # rotate_neox, silu_and_mul; see torch_ref) for this backend's devices
     supports_cuda_graphs: bool  # write_kv/prepare/paged_attention are capturable: no host
     # syncs, shapes from host ints only, pad tokens with slot -1 are skipped
+    uses_buckets: bool  # reads AttnMetadata.decode / .runs (the gathered-KV buckets);
+    # when False the engine leaves them None and skips building and copying them
 
     @classmethod
     def unavailable_reasons(
