@@ -38,6 +38,7 @@ import torch
 from benchmarks import gpu_check_kernels as kernels
 from benchmarks import gpu_check_model as model
 from benchmarks import gpu_check_profile as profile
+from benchmarks import gpu_check_worker as worker_check
 from benchmarks.gpu_check_report import (
     Report,
     Section,
@@ -105,6 +106,7 @@ def model_section(section: Section, args, device: torch.device, state: dict, tmp
     section.add("CUDA graphs", "on" if runner.graphs is not None else "off")
     section.add("KV blocks", f"{runner.num_blocks} x 16 tokens")
     state["hf"], state["runner"] = hf, runner
+    state["model_dir"], state["kv_bytes"] = tmp, max_blocks * per_block
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -214,6 +216,27 @@ def _model_sections(report: Report, args, state: dict) -> None:
 
     header = ["batch", "ctx", "mode", "step ms", "tok/s", "GB read/step", "of copy BW"]
     report.run("Decode throughput (greedy, host sync per step)", header, need_runner(decode), need_s=20)  # fmt: skip
+
+    def overlapped(section, runner):
+        copy_bw = state.get("copy_bw") or copy_bandwidth(runner.device)
+        worker = worker_check.make_worker(state["model_dir"], runner.device, args.dtype,
+                                          runner.backend.name, state["kv_bytes"])  # fmt: skip
+        try:
+            for batch in args.batches:
+                _noted(section, f"batch {batch}", worker_check.worker_decode, section, worker,
+                       batch, args.ctx, args.steps, copy_bw)  # fmt: skip
+            _noted(section, "sampled", worker_check.worker_decode, section, worker,
+                   args.batches[0], args.ctx, args.steps, copy_bw, True)  # fmt: skip
+        finally:
+            del worker
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    header = ["batch", "mode", "step ms", "tok/s", "of copy BW", "guesses taken / dropped",
+              "syncs (overlap on)", "tokens = plain"]  # fmt: skip
+    report.run("Decode through the worker: overlapped steps off / on", header,
+               need_runner(overlapped), need_s=30)  # fmt: skip
 
     def prefill(section, runner):
         peaks = [("nominal", state.get("nominal")), ("measured matmul", state.get("matmul"))]

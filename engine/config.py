@@ -95,6 +95,15 @@ class EngineConfig:
             "are captured per batch-size bucket and window length on CUDA)"
         },
     )
+    overlap_decode: bool = field(
+        default=False,
+        metadata={
+            "help": "queue each decode step's likely successor on the device before the "
+            "step's tokens reach the host, so the host's per-step work overlaps the GPU's; "
+            "a guess the next plan does not match is dropped (one GPU, no draft model; "
+            "experimental: off until measured on a GPU)"
+        },
+    )
     seed: int = field(default=0, metadata={"help": "seed for requests that do not set one"})
     num_threads: int | None = field(
         default=None,

@@ -44,6 +44,7 @@ from tandem.engine.sampling_noise import gumbel_noise, uniform_noise
 __all__ = [
     "SampleRow",
     "Sampler",
+    "HostCopy",
     "SamplerOutput",
     "SamplingMetadata",
     "compute_token_logprobs",
@@ -78,6 +79,34 @@ class SamplerOutput:
             top = None if n is None else list(zip(top_ids[i][:n], top_lps[i][:n], strict=True))
             out.append(None if n is None else TokenLogprobs(ids[i], lps[i], top, ranks[i]))
         return out
+
+
+@dataclass(slots=True)
+class HostCopy:
+    """A SamplerOutput on its way to the host: `wait()` returns it there."""
+
+    out: SamplerOutput  # host tensors (pinned, being filled until the event fires)
+    event: torch.cuda.Event | None  # recorded after the copies; None: already on the host
+
+    @staticmethod
+    def start(out: SamplerOutput) -> HostCopy:
+        """Queue out's copy to the host without waiting for the device (CUDA); a CPU
+        output is returned as it is."""
+        if out.token_ids.device.type != "cuda":
+            return HostCopy(out, None)
+        tensors = (out.token_ids, out.logprobs, out.ranks, out.top_ids, out.top_logprobs)
+        host = SamplerOutput(
+            *(None if t is None else t.to("cpu", non_blocking=True) for t in tensors)
+        )
+        event = torch.cuda.Event()
+        event.record()
+        return HostCopy(host, event)
+
+    def wait(self) -> SamplerOutput:
+        """The output on the host, once the device has produced and copied it."""
+        if self.event is not None:
+            self.event.synchronize()
+        return self.out
 
 
 class Sampler:

@@ -8,6 +8,7 @@ and logprobs each cost nothing when unused.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from itertools import chain
 
@@ -116,6 +117,22 @@ class SamplingMetadata:
             grammar=_grammar_mask(rows, vocab_size, device),
             num_logprobs=max(asks) if asks else None,
         )
+
+    def to(self, device: torch.device) -> SamplingMetadata:
+        """This metadata (built on the CPU) with every tensor on `device`; CUDA copies go
+        through pinned memory without a stream sync, so queued steps keep running."""
+        return _moved(self, device)
+
+
+def _moved(value, device: torch.device):
+    if isinstance(value, torch.Tensor):
+        if device.type == "cuda":
+            return value.pin_memory().to(device, non_blocking=True)
+        return value.to(device)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: _moved(getattr(value, f.name), device) for f in dataclasses.fields(value)}
+        return dataclasses.replace(value, **fields)
+    return value
 
 
 def _random_rows(rows: list[SampleRow], vocab_size: int, device) -> RandomRows | None:

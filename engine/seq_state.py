@@ -7,12 +7,15 @@ the same output positions with the same parameters and the same noise.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from tandem.engine.plan import SamplingParams
 from tandem.engine.sampler import SampleRow
-from tandem.engine.structured import GrammarState
+
+if TYPE_CHECKING:  # llguidance is imported only when a request is constrained
+    from tandem.engine.structured import GrammarState
 
 
 @dataclass(slots=True)
@@ -32,6 +35,11 @@ class SeqState:
     draft_params: SamplingParams | None = None  # sampling without logprobs, for drafts
     grammar: GrammarState | None = None  # structured output: the grammar's position,
     # synced to the committed outputs before each mask; None = unconstrained
+
+    @property
+    def history_free(self) -> bool:
+        """Sampling reads no earlier token: no penalty, no min_tokens, no grammar."""
+        return self.grammar is None and not _uses_history(self.sampling)
 
     def sample_row(self, num_tokens: int, drafts: list[int], for_draft: bool) -> SampleRow:
         """The row that samples the output after token_ids[:num_tokens] + drafts.

@@ -16,14 +16,18 @@ after tentatively consuming drafts[:j] (then rolled back).
 
 from __future__ import annotations
 
+import logging
 import random
 import time
+from dataclasses import dataclass
 from itertools import accumulate
+from typing import TYPE_CHECKING
 
 import torch
 
 from tandem.engine.config import EngineConfig
-from tandem.engine.model_input import RunSeq, build_model_input
+from tandem.engine.lookahead import Lookahead
+from tandem.engine.model_input import RunSeq
 from tandem.engine.model_runner import ModelRunner
 from tandem.engine.parallel import ParallelConfig, init_tp_group
 from tandem.engine.plan import (
@@ -36,13 +40,40 @@ from tandem.engine.plan import (
 )
 from tandem.engine.platform import detect_platform
 from tandem.engine.proposers import DraftModelProposer, Proposals, draft_model_dir
-from tandem.engine.sampler import Sampler, SampleRow, SamplingMetadata, compute_token_logprobs
+from tandem.engine.sampler import (
+    HostCopy,
+    Sampler,
+    SamplerOutput,
+    SampleRow,
+    SamplingMetadata,
+    compute_token_logprobs,
+)
 from tandem.engine.seq_state import SeqState
 from tandem.engine.spec_config import SpeculativeConfig
-from tandem.engine.structured import GrammarCompiler, load_ll_tokenizer
 from tandem.engine.verify import coupled_accept
 
+if TYPE_CHECKING:
+    from tandem.engine.structured import GrammarCompiler
+
+logger = logging.getLogger(__name__)
+
 __all__ = ["SeqState", "Worker"]
+
+
+@dataclass(slots=True)
+class _Sampling:
+    """A step whose sampling is queued on the device: what `_finish` needs to read it."""
+
+    results: list[SeqResult]  # the step's results, in plan order (sampled ones unfilled)
+    sampled: list[tuple[SeqResult, int]]  # (result, plan index) of sampling sequences
+    rows: list[SampleRow]  # sampler rows: each sampling sequence's window, in order
+    props: Proposals  # the drafts the windows verify, probes and look-backs
+    device_out: SamplerOutput | None = None  # the sampler's output on the device
+    host: HostCopy | None = None  # its copy to the host
+
+    def start(self, out: SamplerOutput) -> None:
+        self.device_out = out
+        self.host = HostCopy.start(out)
 
 
 class Worker:
@@ -80,6 +111,27 @@ class Worker:
                 vocab_size=r.vocab_size,
                 eos_token_ids=tuple(r.eos_token_ids),
             )
+        self.lookahead: Lookahead[_Sampling] = Lookahead(
+            self._overlap_decode(), self.runner.block_size, self.runner.max_model_len
+        )
+
+    def _overlap_decode(self) -> bool:
+        """config.overlap_decode where it can run (logged where it cannot)."""
+        if not self.config.overlap_decode:
+            return False
+        refusals = []
+        if self.proposer is not None:
+            refusals.append("a draft model proposes in the engine")
+        if self.tp_group.world_size > 1:
+            refusals.append(f"tensor parallel (size {self.tp_group.world_size})")
+        if refusals:
+            logger.info("overlap_decode off: %s", "; ".join(refusals))
+            return False
+        if self.runner.device.type != "cuda":
+            logger.info(
+                "overlap_decode on %s: guesses run in turn, nothing overlaps", self.runner.device
+            )
+        return True
 
     @property
     def model_dir(self):
@@ -100,20 +152,27 @@ class Worker:
         for seq_id in plan.finished_seq_ids + plan.preempted_seq_ids:
             self.seqs.pop(seq_id, None)
         states = [self._apply(p) for p in plan.seqs]
-        t1 = time.perf_counter()
-        props = self._cut_drafts(plan, states, self._propose(plan, states))
-        t2 = time.perf_counter()
-        run_seqs = []
-        for p, s, drafts in zip(plan.seqs, states, props.drafts, strict=True):
-            run_seqs.append(
-                RunSeq(p.token_ids + drafts, p.start_pos, s.block_table, self._logits_from(p, s))
-            )
-            s.token_ids.extend(drafts)
-        inp = build_model_input(run_seqs, self.runner.block_size, self.runner.device)
-        t3 = time.perf_counter()
-        logits = self.runner.execute(inp)
-        t4 = time.perf_counter()
-        results = self._sample(plan, states, run_seqs, props, logits)
+        queued = self.lookahead.take(plan, states)  # this very step, queued last step
+        t1 = t2 = t3 = t4 = time.perf_counter()
+        if queued is None:
+            props = self._cut_drafts(plan, states, self._propose(plan, states))
+            t2 = time.perf_counter()
+            run_seqs = []
+            for p, s, drafts in zip(plan.seqs, states, props.drafts, strict=True):
+                logits_from = self._logits_from(p, s)
+                run_seqs.append(
+                    RunSeq(p.token_ids + drafts, p.start_pos, s.block_table, logits_from)
+                )
+                s.token_ids.extend(drafts)
+            inp = self.runner.build_input(run_seqs)
+            t3 = time.perf_counter()
+            logits = self.runner.execute(inp)
+            t4 = time.perf_counter()
+            queued = self._sample(plan, states, run_seqs, props, logits)
+        if self.lookahead.wanted(plan, states):
+            self.lookahead.hold(plan, states, self._queue_guess(plan, states, queued))
+        results = self._finish(queued)  # the step's one host sync
+        self.lookahead.expect([r.token_ids[0] for r in results])
         t5 = time.perf_counter()
         return StepResult(
             step_id=plan.step_id,
@@ -175,6 +234,9 @@ class Worker:
 
     def _grammar_compiler(self) -> GrammarCompiler:
         if self._grammars is None:
+            # llguidance is imported at the first constraint: the engine runs without it
+            from tandem.engine.structured import GrammarCompiler, load_ll_tokenizer
+
             r = self.runner
             tok = load_ll_tokenizer(r.model_dir, r.vocab_size, tuple(r.eos_token_ids))
             self._grammars = GrammarCompiler(tok, r.vocab_size)
@@ -198,7 +260,8 @@ class Worker:
             return 0
         return n - 1 if p.sample else n
 
-    def _sample(self, plan, states, run_seqs, props: Proposals, logits) -> list[SeqResult]:
+    def _sample(self, plan, states, run_seqs, props: Proposals, logits) -> _Sampling:
+        """Queue the step's sampling (and compute its prompt logprobs)."""
         rows: list[SampleRow] = []
         row_index: list[int] = []  # logits row of each sample row
         sampled: list[tuple[SeqResult, int]] = []  # (result, plan index) of sampling seqs
@@ -222,24 +285,57 @@ class Worker:
             if p.sample or result.prompt_logprobs is not None:
                 results.append(result)
             offset += n_rows
+        queued = _Sampling(results, sampled, rows, props)
         if rows:
-            self._sample_rows(rows, row_index, logits, sampled, props)
-        return results
+            meta = SamplingMetadata.build(
+                rows, tuple(self.runner.eos_token_ids), logits.shape[-1], logits.device
+            )
+            queued.start(self.sampler(logits[row_index], meta))
+        return queued
 
-    def _sample_rows(self, rows, row_index, logits, sampled, props: Proposals) -> None:
-        """Sample every window row; keep each sequence's drafts up to the first that
-        differs from the target's token there, then that token (or the bonus)."""
+    def _queue_guess(self, plan: StepPlan, states: list[SeqState], step: _Sampling) -> _Sampling:
+        """Queue the step that most likely follows `plan` (see engine.lookahead): each
+        sequence decodes the token `step` sampled, read on the device, one position on.
+        No host sync: inputs go through pinned memory."""
+        positions = self.lookahead.next_positions(plan)
+        run_seqs = [
+            RunSeq([0], pos, s.block_table, 0) for pos, s in zip(positions, states, strict=True)
+        ]
+        inp = self.runner.build_input(run_seqs, non_blocking=True)
+        inp.input_ids = step.device_out.token_ids  # one per sequence: k = 0 everywhere
+        logits = self.runner.execute(inp)
+        rows = [
+            s.sample_row(pos + 1, [], for_draft=False)
+            for pos, s in zip(positions, states, strict=True)
+        ]
         meta = SamplingMetadata.build(
-            rows, tuple(self.runner.eos_token_ids), logits.shape[-1], logits.device
+            rows, tuple(self.runner.eos_token_ids), logits.shape[-1], "cpu"
+        ).to(logits.device)
+        results = [SeqResult(seq_id=p.seq_id, token_ids=[]) for p in plan.seqs]
+        n = len(plan.seqs)
+        guess = _Sampling(
+            results,
+            list(zip(results, range(n), strict=True)),
+            rows,
+            Proposals([[]] * n, [None] * n),
         )
-        out = self.sampler(logits[row_index], meta)
-        token_ids = out.token_ids.tolist()  # the step's one host sync
-        token_lps = out.to_token_logprobs(rows)
-        drafts = [props.drafts[i] for _, i in sampled]
+        guess.start(self.sampler(logits, meta))
+        return guess
+
+    def _finish(self, queued: _Sampling) -> list[SeqResult]:
+        """Wait for the step's tokens; keep each sequence's drafts up to the first that
+        differs from the target's token there, then that token (or the bonus)."""
+        if queued.host is None:
+            return queued.results
+        out = queued.host.wait()
+        props = queued.props
+        token_ids = out.token_ids.tolist()
+        token_lps = out.to_token_logprobs(queued.rows)
+        drafts = [props.drafts[i] for _, i in queued.sampled]
         starts = list(accumulate((len(d) + 1 for d in drafts), initial=0))
         windows = [token_ids[r : r + len(d) + 1] for r, d in zip(starts, drafts, strict=False)]
         accepted = coupled_accept(windows, drafts)
-        for (res, i), r, a in zip(sampled, starts, accepted, strict=False):
+        for (res, i), r, a in zip(queued.sampled, starts, accepted, strict=False):
             res.token_ids = token_ids[r : r + a + 1]
             res.num_accepted_drafts = a
             lps = token_lps[r : r + a + 1]
@@ -248,6 +344,7 @@ class Worker:
                 res.probe_accepted = props.probes[i] == token_ids[r]
             if props.lookbacks:
                 res.lookback_accepted = props.lookbacks[i]
+        return queued.results
 
     def _prompt_logprobs(self, p: SeqPlan, s: SeqState, rows: torch.Tensor):
         """Logprobs of this chunk's prompt tokens, each given the tokens before it.
