@@ -1,13 +1,16 @@
 """GPU check, decode through the worker: overlapped steps (`--overlap-decode`) off and on.
 
 One Worker on the check's random model, driven by plans as the scheduler writes them
-(each sequence's blocks handed out as its positions reach them). Per batch size, rounds
+(each sequence's blocks handed out as its positions reach them, with the worker's
+lookahead slot). Per batch size, rounds
 of decode steps alternate overlap off / on over fresh sequences with the same prompts,
 so drift hits both alike. Each row: the mean step (plan to results, the step's host
 sync included), tokens/s, the fraction of copy bandwidth, how many guesses were taken
-and dropped, how many synchronising calls torch's sync debug mode reported while
-overlapped (0 expected: a sync in the guess path serialises it), and whether the
-tokens equal those of the plain path.
+and dropped (one drop per round: the next round's first plan is not the last guess),
+how many synchronising calls torch's sync debug mode reported while overlapped (0
+expected: a sync in the guess path serialises it; one per step would be the step's
+own wait, if the mode counts event waits), and whether the tokens equal those of the
+plain path.
 
 Part of `python -m benchmarks.gpu_check`; needs only engine/ and kernels/.
 """
@@ -47,13 +50,19 @@ class _Batch:
         self.tables = [blocks.take(num_tokens) for _ in self.ids]
         self.tokens = [torch.randint(3, 500, (ctx,), generator=g).tolist() for _ in self.ids]
         self.computed = [0] * batch
+        self.sent = [0] * batch  # blocks handed to the worker so far
+        self.slots = worker.kv_cache_info().lookahead_slots
         self.params = params
 
     def plan(self, step_id: int, which: list[int], finished: list[int] | None = None) -> StepPlan:
         seqs = []
         for i in which:
             start, end = self.computed[i], len(self.tokens[i])
-            new = self.tables[i][-(-start // self.bs) : -(-end // self.bs)]
+            # as the scheduler does: the run's blocks, and with the worker's lookahead
+            # slot the block of the position after it
+            want = -(-(end + self.slots) // self.bs)
+            new = self.tables[i][self.sent[i] : want]
+            self.sent[i] = max(self.sent[i], want)
             first = NewSeq(self.params, end) if start == 0 else None
             seqs.append(SeqPlan(self.ids[i], self.tokens[i][start:], start, new, True, first))
         return StepPlan(step_id, seqs, finished_seq_ids=finished or [])

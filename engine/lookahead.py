@@ -17,8 +17,10 @@ recomputes that slot first; if it was freed, the block was not full, so it was n
 in the prefix cache and its next owner writes before it reads.
 
 A guess is made only where it can be right: every sequence of the step sampled with no
-drafts, none finishes by max_tokens or max_model_len, each next position lies in a
-block the sequence already holds (the next plan would bring a new block otherwise),
+drafts (those that end by max_tokens or max_model_len with it are left out of the
+guess, as they will be out of the next plan), each next position lies in a
+block the sequence already holds (the scheduler hands out the block of the position
+after a sampling run with the run when a block is free: KVCacheInfo.lookahead_slots),
 and sampling reads no token history (penalties, min_tokens, a grammar: the token it
 would read is still on the device). After a dropped guess the worker makes none for
 1, 2, 4 ... 64 steps (doubling while guesses keep missing), so a workload whose
@@ -45,6 +47,7 @@ class Guess(Generic[Queued]):
     seq_ids: list[int]
     start_pos: list[int]  # each sequence's next position (its guessed token goes there)
     block_ids: list[int]  # the block holding that position
+    follow: list[int]  # their indices in the plan before the guess
     queued: Queued
     token_ids: list[int] = field(default_factory=list)  # the tokens sampled by the step
     # before the guess: the ones the next plan must compute (set once they are known)
@@ -55,6 +58,9 @@ class Lookahead(Generic[Queued]):
 
     def __init__(self, enabled: bool, block_size: int, max_model_len: int) -> None:
         self.enabled = enabled
+        # KVCacheInfo.lookahead_slots: with overlap the scheduler gives the block of the
+        # position after a sampling run with the run, and both sides keep it
+        self.slots = 1 if enabled else 0
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.guess: Guess[Queued] | None = None
@@ -78,45 +84,57 @@ class Lookahead(Generic[Queued]):
         self._backoff = min(2 * self._backoff, MAX_BACKOFF)
         return None
 
-    def wanted(self, plan: StepPlan, states: list[SeqState]) -> bool:
-        """Whether to queue a guess after `plan` (called once per step)."""
+    def followers(self, plan: StepPlan, states: list[SeqState]) -> list[int] | None:
+        """Indices of plan's sequences that the guess after `plan` continues (those
+        that do not end by max_tokens or max_model_len with this step), or None: no
+        guess this step. Called once per step."""
         if not self.enabled:
-            return False
+            return None
         if self._pause:
             self._pause -= 1
-            return False
-        return bool(plan.seqs) and all(
-            self._can_follow(p, s) for p, s in zip(plan.seqs, states, strict=True)
-        )
+            return None
+        follow = []
+        for i, (p, s) in enumerate(zip(plan.seqs, states, strict=True)):
+            pos = p.start_pos + len(p.token_ids)  # the token sampled now goes here next
+            if _plain_sample(p) and self._ends(s, pos):
+                continue  # out of the next plan (its next block is not needed either)
+            if not self._guessable(p, s, pos):
+                return None
+            follow.append(i)
+        return follow or None
 
-    def next_positions(self, plan: StepPlan) -> list[int]:
-        """Where each sequence's next token goes: after this step's tokens."""
-        return [p.start_pos + len(p.token_ids) for p in plan.seqs]
-
-    def hold(self, plan: StepPlan, states: list[SeqState], queued: Queued) -> None:
-        """Keep the guess queued after `plan`."""
-        positions = self.next_positions(plan)
+    def hold(
+        self, plan: StepPlan, states: list[SeqState], follow: list[int], queued: Queued
+    ) -> None:
+        """Keep the guess queued after `plan`, which continues plan.seqs[follow]."""
+        seqs = [plan.seqs[i] for i in follow]
+        positions = [p.start_pos + len(p.token_ids) for p in seqs]
         blocks = [
-            s.block_table[pos // self.block_size] for s, pos in zip(states, positions, strict=True)
+            states[i].block_table[pos // self.block_size]
+            for i, pos in zip(follow, positions, strict=True)
         ]
-        self.guess = Guess([p.seq_id for p in plan.seqs], positions, blocks, queued)
+        self.guess = Guess([p.seq_id for p in seqs], positions, blocks, follow, queued)
 
     def expect(self, token_ids: list[int]) -> None:
-        """The tokens this step sampled, one per sequence: the next plan's inputs."""
+        """The tokens this step sampled, one per plan sequence (in order): the next
+        plan's inputs, for the sequences the guess continues."""
         if self.guess is not None:
-            self.guess.token_ids = token_ids
+            self.guess.token_ids = [token_ids[i] for i in self.guess.follow]
 
-    def _can_follow(self, p: SeqPlan, s: SeqState) -> bool:
-        if not p.sample or p.num_draft or p.draft_token_ids or not s.history_free:
+    def _guessable(self, p: SeqPlan, s: SeqState, pos: int) -> bool:
+        """Whether the plan after p can be foreseen for its sequence: it sampled one
+        token, whose sampling reads no history, and holds the block of `pos` (kept by
+        the next plan, which cuts the table to blocks_for(pos + slots))."""
+        if not _plain_sample(p) or not s.history_free:
             return False
-        pos = p.start_pos + len(p.token_ids)  # the token sampled now goes here next
-        num_outputs = pos + 1 - s.num_prompt_tokens  # after this step
-        return (
-            pos % self.block_size != 0
-            and len(s.block_table) > pos // self.block_size
-            and num_outputs < s.sampling.max_tokens
-            and pos + 1 < self.max_model_len
+        return len(s.block_table) > pos // self.block_size and (
+            self.slots > 0 or pos % self.block_size != 0
         )
+
+    def _ends(self, s: SeqState, pos: int) -> bool:
+        """Whether the sequence ends by length with the token sampled now (at pos)."""
+        num_outputs = pos + 1 - s.num_prompt_tokens
+        return num_outputs >= s.sampling.max_tokens or pos + 1 >= self.max_model_len
 
     def _is(self, guess: Guess, plan: StepPlan, states: list[SeqState]) -> bool:
         if len(plan.seqs) != len(guess.seq_ids) or len(guess.token_ids) != len(plan.seqs):
@@ -134,3 +152,8 @@ class Lookahead(Generic[Queued]):
             ):
                 return False
         return True
+
+
+def _plain_sample(p: SeqPlan) -> bool:
+    """p samples one token: no drafts to verify."""
+    return p.sample and not p.num_draft and not p.draft_token_ids

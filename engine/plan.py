@@ -119,8 +119,9 @@ class SeqPlan:
     token_ids: list[int]  # tokens to compute now: a prompt chunk, or the last sampled token
     start_pos: int  # position of token_ids[0] (= tokens already in the KV cache)
     new_block_ids: list[int]  # KV blocks appended to this sequence's table since last step;
-    # the table first keeps only the ceil(start_pos / block_size) blocks that hold
-    # computed tokens (blocks given for rejected drafts are taken back by the scheduler)
+    # the table first keeps only the ceil((start_pos + KVCacheInfo.lookahead_slots) /
+    # block_size) blocks that hold computed tokens or the positions just past them
+    # (blocks given for rejected drafts are taken back by the scheduler)
     sample: bool  # sample after the last token (False for a non-final prompt chunk)
     new: NewSeq | None = None  # set on the sequence's first plan
     num_draft: int = 0  # k: draft tokens to propose and verify (0 = plain decode)
@@ -191,6 +192,10 @@ class KVCacheInfo:
     max_model_len: int  # tokens per sequence the engine can hold (prompt + output)
     eos_token_ids: tuple[int, ...]  # from the model's generation config
     vocab_size: int  # token ids are < this (the model's embedding rows)
+    lookahead_slots: int = 0  # positions past a sampling step's tokens that the engine
+    # may compute before the next plan (overlapped decode): the scheduler gives their
+    # blocks with the step when free, and both sides keep blocks_for(computed tokens +
+    # lookahead_slots) when they cut a table back
 
 
 class Executor(Protocol):

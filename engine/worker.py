@@ -114,6 +114,7 @@ class Worker:
         self.lookahead: Lookahead[_Sampling] = Lookahead(
             self._overlap_decode(), self.runner.block_size, self.runner.max_model_len
         )
+        self.lookahead_slots = self.lookahead.slots  # KVCacheInfo.lookahead_slots
 
     def _overlap_decode(self) -> bool:
         """config.overlap_decode where it can run (logged where it cannot)."""
@@ -145,6 +146,7 @@ class Worker:
             max_model_len=r.max_model_len,
             eos_token_ids=tuple(r.eos_token_ids),
             vocab_size=r.vocab_size,
+            lookahead_slots=self.lookahead_slots,
         )
 
     def execute(self, plan: StepPlan) -> StepResult:
@@ -169,8 +171,10 @@ class Worker:
             logits = self.runner.execute(inp)
             t4 = time.perf_counter()
             queued = self._sample(plan, states, run_seqs, props, logits)
-        if self.lookahead.wanted(plan, states):
-            self.lookahead.hold(plan, states, self._queue_guess(plan, states, queued))
+        follow = self.lookahead.followers(plan, states)
+        if follow is not None:
+            guess = self._queue_guess(plan, states, follow, queued)
+            self.lookahead.hold(plan, states, follow, guess)
         results = self._finish(queued)  # the step's one host sync
         self.lookahead.expect([r.token_ids[0] for r in results])
         t5 = time.perf_counter()
@@ -208,7 +212,8 @@ class Worker:
             )
         del state.token_ids[p.start_pos :]  # drops rejected drafts, if any
         state.token_ids.extend(p.token_ids)
-        del state.block_table[-(-p.start_pos // self.runner.block_size) :]  # ditto, blocks
+        keep = -(-(p.start_pos + self.lookahead_slots) // self.runner.block_size)
+        del state.block_table[keep:]  # ditto, blocks (see KVCacheInfo.lookahead_slots)
         state.block_table.extend(p.new_block_ids)
         return state
 
@@ -293,26 +298,35 @@ class Worker:
             queued.start(self.sampler(logits[row_index], meta))
         return queued
 
-    def _queue_guess(self, plan: StepPlan, states: list[SeqState], step: _Sampling) -> _Sampling:
+    def _queue_guess(
+        self, plan: StepPlan, states: list[SeqState], follow: list[int], step: _Sampling
+    ) -> _Sampling:
         """Queue the step that most likely follows `plan` (see engine.lookahead): each
-        sequence decodes the token `step` sampled, read on the device, one position on.
-        No host sync: inputs go through pinned memory."""
-        positions = self.lookahead.next_positions(plan)
+        sequence of plan.seqs[follow] decodes the token `step` sampled for it, read on
+        the device, one position on. No host sync: inputs go through pinned memory."""
+        seqs = [(plan.seqs[i], states[i]) for i in follow]
+        positions = [p.start_pos + len(p.token_ids) for p, _ in seqs]
         run_seqs = [
-            RunSeq([0], pos, s.block_table, 0) for pos, s in zip(positions, states, strict=True)
+            RunSeq([0], pos, s.block_table, 0) for pos, (_, s) in zip(positions, seqs, strict=True)
         ]
         inp = self.runner.build_input(run_seqs, non_blocking=True)
-        inp.input_ids = step.device_out.token_ids  # one per sequence: k = 0 everywhere
+        token_ids = step.device_out.token_ids  # one per plan sequence: k = 0 everywhere
+        if len(follow) < len(plan.seqs):
+            index = torch.tensor(follow, dtype=torch.int64)
+            if token_ids.device.type == "cuda":
+                index = index.pin_memory().to(token_ids.device, non_blocking=True)
+            token_ids = token_ids.index_select(0, index)
+        inp.input_ids = token_ids
         logits = self.runner.execute(inp)
         rows = [
             s.sample_row(pos + 1, [], for_draft=False)
-            for pos, s in zip(positions, states, strict=True)
+            for pos, (_, s) in zip(positions, seqs, strict=True)
         ]
         meta = SamplingMetadata.build(
             rows, tuple(self.runner.eos_token_ids), logits.shape[-1], "cpu"
         ).to(logits.device)
-        results = [SeqResult(seq_id=p.seq_id, token_ids=[]) for p in plan.seqs]
-        n = len(plan.seqs)
+        results = [SeqResult(seq_id=p.seq_id, token_ids=[]) for p, _ in seqs]
+        n = len(seqs)
         guess = _Sampling(
             results,
             list(zip(results, range(n), strict=True)),

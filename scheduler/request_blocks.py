@@ -25,10 +25,11 @@ def prefix_hits(pool: BlockPool, req: Request) -> list[int]:
     return hits
 
 
-def trim_blocks(pool: BlockPool, req: Request) -> None:
-    """Take back the blocks that only rejected drafts used: a running request holds
-    exactly the blocks of its computed tokens (workers cut their tables alike)."""
-    keep = pool.blocks_for(req.num_computed_tokens)
+def trim_blocks(pool: BlockPool, req: Request, lookahead_slots: int = 0) -> None:
+    """Take back the blocks that only rejected drafts used: a running request keeps the
+    blocks of its computed tokens and of the next `lookahead_slots` positions, if it
+    holds them (workers cut their tables alike; see KVCacheInfo.lookahead_slots)."""
+    keep = pool.blocks_for(req.num_computed_tokens + lookahead_slots)
     if len(req.block_ids) > keep:
         pool.free(req.block_ids[keep:])
         del req.block_ids[keep:]

@@ -202,6 +202,8 @@ class Scheduler:
             step.budget -= self.spec.plan_drafts(
                 self._next_step_id, step.seqs, decodes, step.budget, self._by_seq
             )
+        if self.kv.lookahead_slots:
+            self._reserve_ahead(step)
         plan = StepPlan(step_id=self._next_step_id, seqs=list(step.seqs.values()))
         self._next_step_id += 1
         if plan.seqs:
@@ -222,18 +224,37 @@ class Scheduler:
         need = self.pool.blocks_for(req.num_computed_tokens + n) - len(req.block_ids)
         if not self._make_room(req, need, step):
             return
+        start = req.num_computed_tokens
+        sample = start + n == len(req.token_ids)
         new_blocks = self.pool.allocate(need)
         req.block_ids.extend(new_blocks)
-        start = req.num_computed_tokens
         step.add(
             SeqPlan(
                 seq_id=req.seq_id,
                 token_ids=req.token_ids[start : start + n],
                 start_pos=start,
                 new_block_ids=new_blocks,
-                sample=start + n == len(req.token_ids),
+                sample=sample,
             )
         )
+
+    def _reserve_ahead(self, step: _Step) -> None:
+        """Give each sampling run the blocks of the positions just past it, where the
+        engine computes ahead (KVCacheInfo.lookahead_slots). Last in the step and only
+        from free blocks, so never at a run's or an admission's expense; a run's next
+        step needs that block anyway (trim_blocks keeps it)."""
+        slots = self.kv.lookahead_slots
+        for sp in step.seqs.values():
+            req = self._by_seq[sp.seq_id]
+            end = sp.start_pos + len(sp.token_ids)  # tokens after the step, then 1 output
+            last = end + 1 - req.num_prompt_tokens >= req.sampling.max_tokens
+            if not sp.sample or last or end + 1 >= self.max_len:  # it ends with this step
+                continue
+            extra = self.pool.blocks_for(end + slots) - len(req.block_ids)
+            if 0 < extra <= self.pool.num_free_blocks:
+                blocks = self.pool.allocate(extra)
+                req.block_ids.extend(blocks)
+                sp.new_block_ids.extend(blocks)
 
     def _make_room(self, req: Request, need: int, step: _Step) -> bool:
         """Preempt the newest running requests until `need` blocks are free; False if req
@@ -285,6 +306,7 @@ class Scheduler:
         if self.pool.num_free_blocks - self.pool.num_free_among(hits) < need:
             return False
         self.pool.touch(hits)
+        sample = num_cached + n == len(req.token_ids)
         req.block_ids = hits + self.pool.allocate(need)
         req.num_computed_tokens = num_cached
         req.num_registered_blocks = len(hits)
@@ -301,7 +323,7 @@ class Scheduler:
                 token_ids=req.token_ids[num_cached : num_cached + n],
                 start_pos=num_cached,
                 new_block_ids=list(req.block_ids),
-                sample=num_cached + n == len(req.token_ids),
+                sample=sample,
                 new=new,
             )
         )
@@ -354,7 +376,7 @@ class Scheduler:
             req.finished_time = self.clock()
             self._release(req)
         else:
-            trim_blocks(self.pool, req)
+            trim_blocks(self.pool, req, self.kv.lookahead_slots)
             register_full_blocks(self.pool, req)
         return req.make_output(res.token_ids[:taken], new_lps)
 

@@ -86,3 +86,27 @@ def test_many_seqs_vectorized_layout():
 def test_bad_input(seqs, match):
     with pytest.raises(ValueError, match=match):
         build_model_input(seqs, 4, "cpu")
+
+
+def test_without_buckets_the_flat_fields_are_the_same():
+    seqs = [
+        RunSeq([42], 9, [3, 5, 6], 0),
+        RunSeq([1, 2, 3], 0, [2], 2),
+        RunSeq([7, 8], 4, [1, 4], 0),
+    ]
+    full = build_model_input(seqs, 4, "cpu")
+    flat = build_model_input(seqs, 4, "cpu", buckets=False, non_blocking=True)
+    assert full.attn_meta.decode is not None and full.attn_meta.runs is not None
+    assert flat.attn_meta.decode is None and flat.attn_meta.runs is None
+    for name in ("query_start_loc", "seq_lens", "block_tables", "slot_mapping"):
+        assert torch.equal(getattr(full.attn_meta, name), getattr(flat.attn_meta, name))
+    for name in ("input_ids", "positions", "logits_indices"):
+        assert torch.equal(getattr(full, name), getattr(flat, name))
+    assert full.num_logits == flat.num_logits
+
+
+def test_only_the_torch_backend_reads_the_buckets():
+    from tandem.kernels.registry import BACKENDS, _import_backend
+
+    uses = {name: _import_backend(name).uses_buckets for name in BACKENDS}
+    assert uses == {"torch": True, "triton": False, "flash_attn": False, "npu": False}

@@ -68,8 +68,11 @@ class FakeExecutor:
         next_token: Callable[[list[int]], int] = hash_next_token,
         fail_at_step: int | None = None,
         step_delay_s: float = 0.0,
+        lookahead_slots: int = 0,
     ) -> None:
-        self.info = KVCacheInfo(num_blocks, block_size, max_model_len, eos_token_ids, VOCAB)
+        self.info = KVCacheInfo(
+            num_blocks, block_size, max_model_len, eos_token_ids, VOCAB, lookahead_slots
+        )
         self.next_token = next_token
         self.fail_at_step = fail_at_step
         self.step_delay_s = step_delay_s
@@ -78,6 +81,7 @@ class FakeExecutor:
         self.plans: list[StepPlan] = []
         self.freed_seq_ids: list[int] = []
         self.shut_down = False
+        self.num_ahead = 0  # sampling runs given the block of the position after them
 
     def kv_cache_info(self) -> KVCacheInfo:
         return self.info
@@ -121,13 +125,18 @@ class FakeExecutor:
             f"seq {sp.seq_id}: plan starts at {sp.start_pos}, mirror holds {len(m.tokens)}"
         )
         assert sp.token_ids, "a seq planned with no tokens"
+        slots = self.info.lookahead_slots
+        # a worker cuts its table to blocks_for(start_pos + slots): nothing to cut here
+        assert len(m.table) <= -(-(sp.start_pos + slots) // bs), f"seq {sp.seq_id}: stale blocks"
         assert not set(sp.new_block_ids) & set(m.table), "a block appended twice"
         assert all(0 <= b < self.info.num_blocks for b in sp.new_block_ids)
         m.table.extend(sp.new_block_ids)
         end = sp.start_pos + len(sp.token_ids) + sp.num_draft
-        assert len(m.table) == -(-end // bs), (
+        ahead = slots if sp.sample else 0  # a sampling run may hold the next blocks too
+        assert -(-end // bs) <= len(m.table) <= -(-(end + ahead) // bs), (
             f"seq {sp.seq_id}: {len(m.table)} blocks for {end} positions"
         )
+        self.num_ahead += len(m.table) > -(-end // bs)
         if sp.new is not None:  # a prefix-cache hit must hold exactly the prefix
             assert [self._read(m, p) for p in range(sp.start_pos)] == m.tokens
         return m
