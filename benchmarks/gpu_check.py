@@ -204,15 +204,17 @@ def _model_sections(report: Report, args, state: dict) -> None:
             _noted(section, f"batch {batch}", model.decode_throughput, section, runner, batch,
                    args.ctx, args.steps, copy_bw, eager)  # fmt: skip
         if args.compare_plans and runner.backend.name == "triton":
+            # alternating rounds: untuned, tuned again, twice (drift hits both alike)
             mode = "graphs" if runner.graphs else "eager"
-            with model.untuned_attention_plans(runner):
+            for r in (1, 2):
+                with model.untuned_attention_plans(runner):
+                    for batch in args.batches:
+                        _noted(section, f"batch {batch}, untuned plans", model.decode_throughput,
+                               section, runner, batch, args.ctx, args.steps, copy_bw, False,
+                               f"{mode}, untuned attention ({r})")  # fmt: skip
                 for batch in args.batches:
-                    _noted(section, f"batch {batch}, untuned plans", model.decode_throughput,
-                           section, runner, batch, args.ctx, args.steps, copy_bw, False,
-                           f"{mode}, untuned attention")  # fmt: skip
-            for batch in args.batches:  # and tuned again: drift shows as a change here
-                _noted(section, f"batch {batch}", model.decode_throughput, section, runner,
-                       batch, args.ctx, args.steps, copy_bw, False, f"{mode} (again)")  # fmt: skip
+                    _noted(section, f"batch {batch}", model.decode_throughput, section, runner,
+                           batch, args.ctx, args.steps, copy_bw, False, f"{mode} (again, {r})")  # fmt: skip
 
     header = ["batch", "ctx", "mode", "step ms", "tok/s", "GB read/step", "of copy BW"]
     report.run("Decode throughput (greedy, host sync per step)", header, need_runner(decode), need_s=20)  # fmt: skip

@@ -284,13 +284,15 @@ def decode_throughput(section: Section, runner, batch: int, ctx: int, steps: int
                 batch / step_s, step_bytes / 1e9, step_bytes / step_s / copy_bw)  # fmt: skip
 
 
-def _first_plan(num_seqs, max_query_len, max_seq_len, num_kv_heads, group, head_dim, num_sms):
+def _first_plan(num_seqs, max_query_len, max_seq_len, num_kv_heads, group, head_dim, num_sms,
+                elem_bytes: int = 2):  # fmt: skip
     """plan_attention as first written, before the H200 sweep (to compare with)."""
     from tandem.kernels import triton_attn as ta
 
     # the split count as tuned (it depends on rows per program, which differ from the
     # first plan's only for head_dim 128 with GQA groups of 16 or more: not measured here)
-    tuned = _TUNED[0](num_seqs, max_query_len, max_seq_len, num_kv_heads, group, head_dim, num_sms)
+    tuned = _TUNED[0](num_seqs, max_query_len, max_seq_len, num_kv_heads, group, head_dim, num_sms,
+                      elem_bytes)  # fmt: skip
     dim_p = triton.next_power_of_2(head_dim)
     cap = 64 if dim_p >= 256 else 128
     block_m = max(16, triton.next_power_of_2(group))
@@ -305,26 +307,30 @@ def _first_plan(num_seqs, max_query_len, max_seq_len, num_kv_heads, group, head_
 def untuned_attention_plans(runner: ModelRunner):
     """Within: Triton attention plans as before the H200 sweep. CUDA graphs keep the
     plan they were captured with, so the runner gets a fresh set in a fresh memory pool
-    (the tuned set is put back on exit; the untuned one is kept alive, not freed, as
-    freeing graphs of a shared pool trips an allocator assert in torch 2.11)."""
+    (the tuned set is put back on exit; the untuned one is kept for the next round,
+    never freed, as freeing graphs of a shared pool trips an allocator assert in torch
+    2.11)."""
     from tandem.kernels import triton_attn as ta
 
     tuned = _TUNED[0] = ta.plan_attention
     graphs = runner.graphs
     saved = None if graphs is None else (graphs.graphs, graphs.pool)
     ta.plan_attention = _first_plan
-    if graphs is not None:
-        graphs.graphs, graphs.pool = {}, torch.cuda.graph_pool_handle()
+    if graphs is not None:  # the untuned set of an earlier round, else a new one
+        graphs.graphs, graphs.pool = _UNTUNED.get(id(graphs)) or (
+            {},
+            torch.cuda.graph_pool_handle(),
+        )
     try:
         yield
     finally:
         ta.plan_attention = tuned
         if graphs is not None:
-            _KEEP.append(graphs.graphs)
+            _UNTUNED[id(graphs)] = (graphs.graphs, graphs.pool)
             graphs.graphs, graphs.pool = saved
 
 
-_KEEP: list = []
+_UNTUNED: dict = {}  # graph runner id -> its untuned (graphs, pool), kept for later rounds
 _TUNED: list = [None]  # the real plan_attention while _first_plan stands in for it
 
 
