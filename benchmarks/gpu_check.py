@@ -79,6 +79,7 @@ def device_section(section: Section, device: torch.device, state: dict) -> None:
 def kernel_section(section: Section, device: torch.device, quick: bool) -> None:
     # one kernel failing must not hide the rest
     _noted(section, "write_kv", kernels.check_write_kv, section, device)
+    _noted(section, "rotate_and_write_kv", kernels.check_rope_kv, section, device)
     _noted(section, "elementwise", kernels.check_elementwise, section, device)
     _noted(section, "attention", kernels.check_attention, section, device, quick)
     _noted(section, "flash_attn", kernels.check_flash_attn, section, device)

@@ -122,6 +122,33 @@ def check_write_kv(section: Section, device: torch.device) -> None:
                     "exact", same)  # fmt: skip
 
 
+def check_rope_kv(section: Section, device: torch.device) -> None:
+    """The fused rotary + KV write against rotate_neox then write_kv: bit-identical."""
+    from tandem.kernels import triton_attn as ta
+    from tandem.kernels import triton_ops
+    from tandem.kernels.triton_rope_kv import rotate_and_write_kv
+
+    t, hq, hkv, d, num_blocks, block_size = 300, 32, 8, 128, 64, 16
+    for layout in ("head_major", "token_major"):
+        shape = (2, num_blocks, hkv, block_size, d)
+        if layout == "token_major":
+            shape = (2, num_blocks, block_size, hkv, d)
+        ref = torch.full(shape, 7.0, dtype=BF16, device=device)
+        cache = ref.clone()
+        qkv = torch.randn(t, hq + 2 * hkv, d, device=device, dtype=BF16)
+        angle = torch.rand(t, d // 2, device=device) * 6.28
+        cos, sin = angle.cos().to(BF16), angle.sin().to(BF16)
+        slots = torch.randperm(num_blocks * block_size, device=device)[:t]
+        slots[::7] = -1
+        view = getattr(ta, layout)
+        qk = triton_ops.rotate_neox(qkv[:, : hq + hkv], cos, sin)
+        ta.write_kv(qk[:, hq:], qkv[:, hq + hkv :], view(ref), slots)
+        q = rotate_and_write_kv(qkv, hq, cos, sin, view(cache), slots)
+        same = torch.equal(q, qk[:, :hq]) and torch.equal(cache, ref)
+        section.add("rotate_and_write_kv", f"{layout} bf16 32/8h d128, vs the two kernels",
+                    "exact" if same else "DIFF", "exact", same)  # fmt: skip
+
+
 def check_elementwise(section: Section, device: torch.device) -> None:
     from tandem.kernels import triton_ops
 

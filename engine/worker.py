@@ -176,7 +176,8 @@ class Worker:
             guess = self._queue_guess(plan, states, follow, queued)
             self.lookahead.hold(plan, states, follow, guess)
         results = self._finish(queued)  # the step's one host sync
-        self.lookahead.expect([r.token_ids[0] for r in results])
+        if follow is not None:  # then every sequence sampled: results are in plan order
+            self.lookahead.expect([r.token_ids[0] for r in results])
         t5 = time.perf_counter()
         return StepResult(
             step_id=plan.step_id,

@@ -108,6 +108,14 @@ class FlashAttnBackend:
         triton_attn.write_kv(k, v, triton_attn.token_major(kv_cache), meta.slot_mapping)
 
     @staticmethod
+    def rotate_and_write_kv(qkv, num_q_heads, cos, sin, kv_cache, meta) -> torch.Tensor:
+        from tandem.kernels import triton_attn
+        from tandem.kernels.triton_rope_kv import rotate_and_write_kv
+
+        cache = triton_attn.token_major(kv_cache)
+        return rotate_and_write_kv(qkv, num_q_heads, cos, sin, cache, meta.slot_mapping)
+
+    @staticmethod
     def paged_attention(
         q: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMetadata, scale: float
     ) -> torch.Tensor:

@@ -86,6 +86,7 @@ class NpuAttentionBackend:
     ops_module = "tandem.kernels.torch_ref"
     supports_cuda_graphs = False
     uses_buckets = False
+    rotate_and_write_kv = None  # rotary and write_kv run one after the other
 
     @classmethod
     def unavailable_reasons(

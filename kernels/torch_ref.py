@@ -205,6 +205,7 @@ class TorchAttentionBackend:
     ops_module = __name__
     supports_cuda_graphs = False  # bucket shapes and masks change with every step
     uses_buckets = True
+    rotate_and_write_kv = None  # rotary and write_kv run one after the other
 
     @classmethod
     def unavailable_reasons(

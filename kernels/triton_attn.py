@@ -429,6 +429,13 @@ class TritonAttentionBackend:
         write_kv(k, v, head_major(kv_cache), meta.slot_mapping)
 
     @staticmethod
+    def rotate_and_write_kv(qkv, num_q_heads, cos, sin, kv_cache, meta) -> torch.Tensor:
+        from tandem.kernels.triton_rope_kv import rotate_and_write_kv
+
+        cache = head_major(kv_cache)
+        return rotate_and_write_kv(qkv, num_q_heads, cos, sin, cache, meta.slot_mapping)
+
+    @staticmethod
     def paged_attention(
         q: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMetadata, scale: float
     ) -> torch.Tensor:

@@ -15,6 +15,7 @@ seq 1 prefills 3 tokens at positions 0..2 (blocks [2]):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -73,6 +74,9 @@ class AttentionBackend(Protocol):
     # syncs, shapes from host ints only, pad tokens with slot -1 are skipped
     uses_buckets: bool  # reads AttnMetadata.decode / .runs (the gathered-KV buckets);
     # when False the engine leaves them None and skips building and copying them
+    rotate_and_write_kv: Callable[..., torch.Tensor] | None  # None, or one kernel for
+    # rotary + write_kv: (qkv (T, Hq + 2 Hkv, D) view, Hq, cos, sin, kv_cache, meta) ->
+    # rotated q (T, Hq, D), the rotated k and v stored at meta.slot_mapping
 
     @classmethod
     def unavailable_reasons(

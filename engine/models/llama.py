@@ -162,6 +162,11 @@ class LlamaAttention(nn.Module):
         t, hq, hkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)
         rotate = self.kernels.rotate_neox
+        fused = self.backend.rotate_and_write_kv
+        if fused is not None and not self.qk_norm:  # rotary and the KV write: one kernel
+            q = fused(qkv.view(t, hq + 2 * hkv, d), hq, cos, sin, kv_cache, meta)
+            out = self.backend.paged_attention(q, kv_cache, meta, self.scale)
+            return self.o_proj(out.reshape(t, hq * d))
         if self.qk_norm:
             q = rotate(self.q_norm(qkv[:, : hq * d].view(t, hq, d)), cos, sin)
             k = rotate(self.k_norm(qkv[:, hq * d : (hq + hkv) * d].view(t, hkv, d)), cos, sin)

@@ -39,7 +39,8 @@ def make_core(overlap: bool, spec=None, kv: int = 64 << 20, max_model_len=256, *
 
 def generate(core: EngineCore, params, arrive_at=None, abort_at=None):
     """Request i arrives at step arrive_at[i] (default 0); abort_at = {step: request};
-    returns each request's (token, logprob entry) pairs and finish reason."""
+    returns each request's prompt logprobs, (token, logprob entry) pairs and finish
+    reason."""
     arrive_at = arrive_at or [0] * len(params)
     abort_at = abort_at or {}
     out: dict[str, list] = {f"r{i}": [] for i in range(len(params))}
@@ -52,6 +53,8 @@ def generate(core: EngineCore, params, arrive_at=None, abort_at=None):
         if step in abort_at:
             core.abort_request(abort_at[step])
         for o in core.step():
+            if o.prompt_logprobs is not None:
+                out[o.request_id].append(("prompt", o.prompt_logprobs))
             lps = o.new_logprobs or [None] * len(o.new_token_ids)
             out[o.request_id].extend(zip(o.new_token_ids, lps, strict=True))
             if o.finished:
@@ -78,12 +81,22 @@ SAMPLED = [
     for i in range(5)
 ]
 MIXED = [*SAMPLED[:3], SamplingParams(temperature=0.9, seed=1, repetition_penalty=1.2)]
+PROMPT_LOGPROBS = [  # chunked: chunks that return prompt logprobs and sample nothing
+    SamplingParams(temperature=0.0, max_tokens=12 + i, ignore_eos=True, prompt_logprobs=1)
+    for i in range(4)
+]
 
 
 @needs_builtin
 @pytest.mark.parametrize(
     "case",
-    ["greedy-chunked", "sampled-staggered", "sampled-aborted", "history-reading rows"],
+    [
+        "greedy-chunked",
+        "sampled-staggered",
+        "sampled-aborted",
+        "history-reading rows",
+        "prompt logprobs, chunked",
+    ],
 )
 def test_overlapped_decode_gives_the_plain_path_outputs(case):
     params, kwargs, sched = {
@@ -91,6 +104,7 @@ def test_overlapped_decode_gives_the_plain_path_outputs(case):
         "sampled-staggered": (SAMPLED, {"arrive_at": [0, 0, 9, 15, 40]}, {}),
         "sampled-aborted": (SAMPLED, {"arrive_at": [0, 3, 3, 20, 21], "abort_at": {30: "r1"}}, {}),
         "history-reading rows": (MIXED, {"arrive_at": [0, 0, 0, 25]}, {}),
+        "prompt logprobs, chunked": (PROMPT_LOGPROBS, {"arrive_at": [0, 4, 8, 12]}, CHUNKED),
     }[case]
     ref = generate(make_core(False, **sched), params, **kwargs)
     core = make_core(True, **sched)

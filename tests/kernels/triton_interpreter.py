@@ -19,7 +19,12 @@ import pytest
 import torch
 
 IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
-INTERPRETED_TEST_FILES = ("test_triton_attn.py", "test_triton_ops.py", "test_triton_model.py")
+INTERPRETED_TEST_FILES = (
+    "test_triton_attn.py",
+    "test_triton_ops.py",
+    "test_triton_model.py",
+    "test_triton_rope_kv.py",
+)
 requires_interpreter = pytest.mark.skipif(
     not IN_INTERPRETER,
     reason="Triton interpreter tests run in test_triton_interpreter.py's child process "
