@@ -83,6 +83,7 @@ def _round(worker: Worker, batch: int, ctx: int, steps: int, params, overlap: bo
     step_id = 0
     for i in range(0, batch, 16):  # prefill 16 prompts a step
         plan = b.plan(step_id, list(range(i, min(i + 16, batch))), finished if i == 0 else None)
+        plan.admits_next = i + 16 < batch  # as the scheduler says while prompts wait
         b.absorb(plan, worker.execute(plan))
         step_id += 1
     for _ in range(3):  # warm-up: graph capture, the first guesses

@@ -23,8 +23,9 @@ block the sequence already holds (the scheduler hands out the block of the posit
 after a sampling run with the run when a block is free: KVCacheInfo.lookahead_slots),
 and sampling reads no token history (penalties, min_tokens, a grammar: the token it
 would read is still on the device). After a dropped guess the worker makes none for
-1, 2, 4 ... 64 steps (doubling while guesses keep missing), so a workload whose
-batches keep changing wastes little device time.
+1, 2, 4 ... 16 steps (doubling while guesses keep missing), so a workload whose
+batches keep changing wastes little device time; and none while the scheduler says
+requests wait that the next step may admit (StepPlan.admits_next).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Generic, TypeVar
 from tandem.engine.plan import SeqPlan, StepPlan
 from tandem.engine.seq_state import SeqState
 
-MAX_BACKOFF = 64  # steps without guessing after a run of missed guesses, at most
+MAX_BACKOFF = 16  # steps without guessing after a run of missed guesses, at most
 
 Queued = TypeVar("Queued")  # the worker's handle on the guessed step's queued work
 
@@ -57,6 +58,8 @@ class Lookahead(Generic[Queued]):
     """When to guess, and whether a plan is the guess. Counts hits and misses."""
 
     def __init__(self, enabled: bool, block_size: int, max_model_len: int) -> None:
+        """max_model_len: tokens a sequence may hold (the scheduler's limit: also no more
+        than the KV cache's blocks hold)."""
         self.enabled = enabled
         # KVCacheInfo.lookahead_slots: with overlap the scheduler gives the block of the
         # position after a sampling run with the run, and both sides keep it
@@ -88,7 +91,7 @@ class Lookahead(Generic[Queued]):
         """Indices of plan's sequences that the guess after `plan` continues (those
         that do not end by max_tokens or max_model_len with this step), or None: no
         guess this step. Called once per step."""
-        if not self.enabled:
+        if not self.enabled or plan.admits_next:
             return None
         if self._pause:
             self._pause -= 1

@@ -99,7 +99,7 @@ class HostCopy:
             *(None if t is None else t.to("cpu", non_blocking=True) for t in tensors)
         )
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(out.token_ids.device))  # the copies' stream
         return HostCopy(host, event)
 
     def wait(self) -> SamplerOutput:

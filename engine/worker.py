@@ -111,8 +111,11 @@ class Worker:
                 vocab_size=r.vocab_size,
                 eos_token_ids=tuple(r.eos_token_ids),
             )
+        r = self.runner
         self.lookahead: Lookahead[_Sampling] = Lookahead(
-            self._overlap_decode(), self.runner.block_size, self.runner.max_model_len
+            self._overlap_decode(),
+            r.block_size,
+            min(r.max_model_len, r.num_blocks * r.block_size),  # the scheduler's limit
         )
         self.lookahead_slots = self.lookahead.slots  # KVCacheInfo.lookahead_slots
 
@@ -166,7 +169,8 @@ class Worker:
                     RunSeq(p.token_ids + drafts, p.start_pos, s.block_table, logits_from)
                 )
                 s.token_ids.extend(drafts)
-            inp = self.runner.build_input(run_seqs)
+            # with overlap, no upload waits for the stream (it may still run a dropped guess)
+            inp = self.runner.build_input(run_seqs, non_blocking=self.lookahead.enabled)
             t3 = time.perf_counter()
             logits = self.runner.execute(inp)
             t4 = time.perf_counter()
@@ -293,10 +297,9 @@ class Worker:
             offset += n_rows
         queued = _Sampling(results, sampled, rows, props)
         if rows:
-            meta = SamplingMetadata.build(
-                rows, tuple(self.runner.eos_token_ids), logits.shape[-1], logits.device
-            )
-            queued.start(self.sampler(logits[row_index], meta))
+            if row_index != list(range(logits.shape[0])):  # all rows: no gather
+                logits = logits.index_select(0, self._index(row_index, logits.device))
+            queued.start(self.sampler(logits, self._metadata(rows, logits)))
         return queued
 
     def _queue_guess(
@@ -313,29 +316,41 @@ class Worker:
         inp = self.runner.build_input(run_seqs, non_blocking=True)
         token_ids = step.device_out.token_ids  # one per plan sequence: k = 0 everywhere
         if len(follow) < len(plan.seqs):
-            index = torch.tensor(follow, dtype=torch.int64)
-            if token_ids.device.type == "cuda":
-                index = index.pin_memory().to(token_ids.device, non_blocking=True)
-            token_ids = token_ids.index_select(0, index)
+            token_ids = token_ids.index_select(0, self._index(follow, token_ids.device))
         inp.input_ids = token_ids
         logits = self.runner.execute(inp)
         rows = [
             s.sample_row(pos + 1, [], for_draft=False)
             for pos, (_, s) in zip(positions, seqs, strict=True)
         ]
-        meta = SamplingMetadata.build(
-            rows, tuple(self.runner.eos_token_ids), logits.shape[-1], "cpu"
-        ).to(logits.device)
+        meta = self._metadata(rows, logits)
         results = [SeqResult(seq_id=p.seq_id, token_ids=[]) for p, _ in seqs]
         n = len(seqs)
         guess = _Sampling(
             results,
             list(zip(results, range(n), strict=True)),
             rows,
-            Proposals([[]] * n, [None] * n),
+            Proposals([[] for _ in range(n)], [None] * n),
         )
         guess.start(self.sampler(logits, meta))
         return guess
+
+    def _metadata(self, rows: list[SampleRow], logits: torch.Tensor) -> SamplingMetadata:
+        """The sampler's tensors for rows. With overlap on, rows that read no history
+        (all a guess has) are built on the host and moved without a stream sync; the
+        dense penalty and grammar tensors are built where they are used."""
+        eos, vocab = tuple(self.runner.eos_token_ids), logits.shape[-1]
+        history = any(r.prompt_token_ids or r.output_token_ids or r.allowed for r in rows)
+        if not self.lookahead.enabled or history:
+            return SamplingMetadata.build(rows, eos, vocab, logits.device)
+        return SamplingMetadata.build(rows, eos, vocab, "cpu").to(logits.device)
+
+    def _index(self, values: list[int], device: torch.device) -> torch.Tensor:
+        """values as an int64 index on device; with overlap on, without a stream sync."""
+        index = torch.tensor(values, dtype=torch.int64)
+        if device.type == "cuda" and self.lookahead.enabled:
+            return index.pin_memory().to(device, non_blocking=True)
+        return index.to(device)
 
     def _finish(self, queued: _Sampling) -> list[SeqResult]:
         """Wait for the step's tokens; keep each sequence's drafts up to the first that

@@ -205,6 +205,7 @@ class Scheduler:
         if self.kv.lookahead_slots:
             self._reserve_ahead(step)
         plan = StepPlan(step_id=self._next_step_id, seqs=list(step.seqs.values()))
+        plan.admits_next = bool(self.waiting) and len(self.running) < self.config.max_num_seqs
         self._next_step_id += 1
         if plan.seqs:
             plan.finished_seq_ids, self._finished_seq_ids = self._finished_seq_ids, []
@@ -241,8 +242,9 @@ class Scheduler:
     def _reserve_ahead(self, step: _Step) -> None:
         """Give each sampling run the blocks of the positions just past it, where the
         engine computes ahead (KVCacheInfo.lookahead_slots). Last in the step and only
-        from free blocks, so never at a run's or an admission's expense; a run's next
-        step needs that block anyway (trim_blocks keeps it)."""
+        from unreferenced blocks (an evictable prefix-cache block may go), so never at a
+        run's or an admission's expense in this step; a run's next step needs that block
+        anyway (trim_blocks keeps it), unless it ends on a stop token."""
         slots = self.kv.lookahead_slots
         for sp in step.seqs.values():
             req = self._by_seq[sp.seq_id]

@@ -140,6 +140,7 @@ def test_overlapped_decode_beside_ngram_speculation():
     core = make_core(True, spec, **CHUNKED)
     assert generate(core, GREEDY) == ref
     assert core.stats().steps.num_accepted_drafts > 0
+    assert lookahead_of(core).num_hits > 0  # steps where the controller chose k = 0
 
 
 @needs_builtin
@@ -182,7 +183,16 @@ def test_a_plan_that_is_the_guess_takes_it():
 
 @pytest.mark.parametrize(
     "change",
-    ["token", "position", "order", "a sequence finished", "k > 0", "new sequence", "block"],
+    [
+        "token",
+        "position",
+        "order",
+        "a sequence finished",
+        "k > 0",
+        "new sequence",
+        "resent as new",
+        "block",
+    ],
 )
 def test_any_other_plan_drops_the_guess(change):
     states = [seq_state(6, [3, 8]), seq_state(9, [1, 2, 5])]
@@ -195,6 +205,7 @@ def test_any_other_plan_drops_the_guess(change):
         "a sequence finished": [a],
         "k > 0": [a, decode(1, 51, 9, num_draft=2, draft_token_ids=[1, 2])],
         "new sequence": [a, b, decode(2, 9, 0, new=NewSeq(PARAMS, 1))],
+        "resent as new": [a, decode(1, 51, 9, new=NewSeq(PARAMS, 9, list(range(9))))],
         "block": [a, b],
     }[change]
     if change == "block":
@@ -249,6 +260,13 @@ def test_at_a_block_boundary_only_a_held_block_is_guessed_into():
     assert la.followers(plan, with_block) is None
 
 
+def test_no_guess_when_the_scheduler_will_admit_next():
+    states = [seq_state(6, [3, 8])]
+    la: Lookahead = Lookahead(True, block_size=4, max_model_len=64)
+    assert la.followers(StepPlan(0, [decode(0, 1, 5)], admits_next=True), states) is None
+    assert la.followers(StepPlan(0, [decode(0, 1, 5)]), states) == [0]
+
+
 def test_misses_in_a_row_pause_guessing_longer_and_longer():
     states = [seq_state(6, [3, 8])]
     plan = StepPlan(0, [decode(0, 11, 5)])
@@ -262,7 +280,7 @@ def test_misses_in_a_row_pause_guessing_longer_and_longer():
         while la.followers(plan, states) is None:
             n += 1
         pauses.append(n)
-    assert pauses == [1, 2, 4, 8, 16, 32, 64, 64, 64] and MAX_BACKOFF == 64
+    assert pauses == [1, 2, 4, 8, 16, 16, 16, 16, 16] and MAX_BACKOFF == 16
     la.hold(plan, states, [0], "queued")
     la.expect([50])
     assert la.take(StepPlan(1, [decode(0, 50, 6)]), states) == "queued"  # a hit resets it

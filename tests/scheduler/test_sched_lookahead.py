@@ -70,3 +70,17 @@ def test_a_chunk_that_does_not_sample_gets_no_slot():
     run_to_end(core, [GenerateRequest("a", list(range(1, 13)), sp)])  # chunks of 4
     chunks = [p.seqs[0] for p in ex.plans if not p.seqs[0].sample]
     assert [len(c.new_block_ids) for c in chunks] == [1, 1]  # positions 0..3, 4..7
+
+
+def test_plans_say_when_the_next_step_may_admit():
+    # budget 8: the second prompt waits while the first is prefilled; max_num_seqs 2:
+    # the third waits for a free seat, so it cannot be admitted next step
+    ex = FakeExecutor(num_blocks=64, block_size=4, lookahead_slots=1)
+    core, _ = make_core(ex, max_num_batched_tokens=8, max_num_seqs=2)
+    reqs = [GenerateRequest(f"r{i}", list(range(1, 11)), greedy(max_tokens=6)) for i in range(3)]
+    run_to_end(core, reqs)
+    flags = [(len(p.seqs), p.admits_next) for p in ex.plans]
+    assert flags[0] == (1, True)  # r1 waits with a seat free
+    two_running = [a for n, a in flags if n == 2]
+    assert two_running and not any(two_running)  # r2 waits, but no seat: no admission
+    assert flags[-1] == (1, False)
