@@ -4,7 +4,9 @@
 model's, or the plan's n-gram drafts); one flattened target forward over every
 scheduled token, a sequence with k drafts running a verification window of k+1
 tokens; then sample (and compute logprobs) for the rows that need it and keep the
-drafts that the target agrees with (`verify.coupled_accept`). The mirrors never
+drafts that the target agrees with (`step_sampling`, `verify.coupled_accept`). With
+overlapped decode, the guess of the next step is queued between sampling and its host
+sync (`engine.lookahead`), and a plan that is the guess skips all of it. The mirrors never
 advance on their own: each plan says what to compute, and its start_pos cuts off the
 drafts the previous step rejected.
 
@@ -19,11 +21,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import dataclass
-from itertools import accumulate
 from typing import TYPE_CHECKING
-
-import torch
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.lookahead import Lookahead
@@ -36,21 +34,12 @@ from tandem.engine.plan import (
     SeqResult,
     StepPlan,
     StepResult,
-    TokenLogprobs,
 )
 from tandem.engine.platform import detect_platform
 from tandem.engine.proposers import DraftModelProposer, Proposals, draft_model_dir
-from tandem.engine.sampler import (
-    HostCopy,
-    Sampler,
-    SamplerOutput,
-    SampleRow,
-    SamplingMetadata,
-    compute_token_logprobs,
-)
 from tandem.engine.seq_state import SeqState
 from tandem.engine.spec_config import SpeculativeConfig
-from tandem.engine.verify import coupled_accept
+from tandem.engine.step_sampling import QueuedSampling, StepSampler, device_index
 
 if TYPE_CHECKING:
     from tandem.engine.structured import GrammarCompiler
@@ -58,22 +47,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = ["SeqState", "Worker"]
-
-
-@dataclass(slots=True)
-class _Sampling:
-    """A step whose sampling is queued on the device: what `_finish` needs to read it."""
-
-    results: list[SeqResult]  # the step's results, in plan order (sampled ones unfilled)
-    sampled: list[tuple[SeqResult, int]]  # (result, plan index) of sampling sequences
-    rows: list[SampleRow]  # sampler rows: each sampling sequence's window, in order
-    props: Proposals  # the drafts the windows verify, probes and look-backs
-    device_out: SamplerOutput | None = None  # the sampler's output on the device
-    host: HostCopy | None = None  # its copy to the host
-
-    def start(self, out: SamplerOutput) -> None:
-        self.device_out = out
-        self.host = HostCopy.start(out)
 
 
 class Worker:
@@ -95,7 +68,7 @@ class Worker:
         except BaseException:
             self.tp_group.destroy()  # leave no process group behind a failed start
             raise
-        self.sampler = Sampler()
+        self.step_sampler = StepSampler(tuple(self.runner.eos_token_ids))
         self.seqs: dict[int, SeqState] = {}
         self._seed_rng = random.Random(config.seed)
         self._grammars: GrammarCompiler | None = None  # built at the first constraint
@@ -112,7 +85,7 @@ class Worker:
                 eos_token_ids=tuple(r.eos_token_ids),
             )
         r = self.runner
-        self.lookahead: Lookahead[_Sampling] = Lookahead(
+        self.lookahead: Lookahead[QueuedSampling] = Lookahead(
             self._overlap_decode(),
             r.block_size,
             min(r.max_model_len, r.num_blocks * r.block_size),  # the scheduler's limit
@@ -174,12 +147,14 @@ class Worker:
             t3 = time.perf_counter()
             logits = self.runner.execute(inp)
             t4 = time.perf_counter()
-            queued = self._sample(plan, states, run_seqs, props, logits)
+            queued = self.step_sampler.queue(
+                plan, states, run_seqs, props, logits, non_blocking=self.lookahead.enabled
+            )
         follow = self.lookahead.followers(plan, states)
         if follow is not None:
             guess = self._queue_guess(plan, states, follow, queued)
             self.lookahead.hold(plan, states, follow, guess)
-        results = self._finish(queued)  # the step's one host sync
+        results = queued.wait_results()  # the step's one host sync
         if follow is not None:  # then every sequence sampled: results are in plan order
             self.lookahead.expect([r.token_ids[0] for r in results])
         t5 = time.perf_counter()
@@ -270,41 +245,9 @@ class Worker:
             return 0
         return n - 1 if p.sample else n
 
-    def _sample(self, plan, states, run_seqs, props: Proposals, logits) -> _Sampling:
-        """Queue the step's sampling (and compute its prompt logprobs)."""
-        rows: list[SampleRow] = []
-        row_index: list[int] = []  # logits row of each sample row
-        sampled: list[tuple[SeqResult, int]] = []  # (result, plan index) of sampling seqs
-        results: list[SeqResult] = []
-        offset = 0
-        for i, (p, s, rs) in enumerate(zip(plan.seqs, states, run_seqs, strict=True)):
-            n_rows = len(rs.token_ids) - rs.logits_from
-            result = SeqResult(seq_id=p.seq_id, token_ids=[])
-            if rs.logits_from == 0 and s.sampling.prompt_logprobs is not None:
-                result.prompt_logprobs = self._prompt_logprobs(
-                    p, s, logits[offset : offset + n_rows]
-                )
-            if p.sample:
-                drafts = props.drafts[i]
-                base = p.start_pos + len(p.token_ids)
-                first = offset + n_rows - len(drafts) - 1  # the window's first row
-                for j in range(len(drafts) + 1):
-                    rows.append(s.sample_row(base, drafts[:j], for_draft=False))
-                    row_index.append(first + j)
-                sampled.append((result, i))
-            if p.sample or result.prompt_logprobs is not None:
-                results.append(result)
-            offset += n_rows
-        queued = _Sampling(results, sampled, rows, props)
-        if rows:
-            if row_index != list(range(logits.shape[0])):  # all rows: no gather
-                logits = logits.index_select(0, self._index(row_index, logits.device))
-            queued.start(self.sampler(logits, self._metadata(rows, logits)))
-        return queued
-
     def _queue_guess(
-        self, plan: StepPlan, states: list[SeqState], follow: list[int], step: _Sampling
-    ) -> _Sampling:
+        self, plan: StepPlan, states: list[SeqState], follow: list[int], step: QueuedSampling
+    ) -> QueuedSampling:
         """Queue the step that most likely follows `plan` (see engine.lookahead): each
         sequence of plan.seqs[follow] decodes the token `step` sampled for it, read on
         the device, one position on. No host sync: inputs go through pinned memory."""
@@ -316,93 +259,21 @@ class Worker:
         inp = self.runner.build_input(run_seqs, non_blocking=True)
         token_ids = step.device_out.token_ids  # one per plan sequence: k = 0 everywhere
         if len(follow) < len(plan.seqs):
-            token_ids = token_ids.index_select(0, self._index(follow, token_ids.device))
+            token_ids = token_ids.index_select(0, device_index(follow, token_ids.device, True))
         inp.input_ids = token_ids
         logits = self.runner.execute(inp)
         rows = [
             s.sample_row(pos + 1, [], for_draft=False)
             for pos, (_, s) in zip(positions, seqs, strict=True)
         ]
-        meta = self._metadata(rows, logits)
+        meta = self.step_sampler.metadata(rows, logits, non_blocking=True)
         results = [SeqResult(seq_id=p.seq_id, token_ids=[]) for p, _ in seqs]
         n = len(seqs)
-        guess = _Sampling(
+        guess = QueuedSampling(
             results,
             list(zip(results, range(n), strict=True)),
             rows,
             Proposals([[] for _ in range(n)], [None] * n),
         )
-        guess.start(self.sampler(logits, meta))
+        guess.start(self.step_sampler.sampler(logits, meta))
         return guess
-
-    def _metadata(self, rows: list[SampleRow], logits: torch.Tensor) -> SamplingMetadata:
-        """The sampler's tensors for rows. With overlap on, rows that read no history
-        (all a guess has) are built on the host and moved without a stream sync; the
-        dense penalty and grammar tensors are built where they are used."""
-        eos, vocab = tuple(self.runner.eos_token_ids), logits.shape[-1]
-        history = any(r.prompt_token_ids or r.output_token_ids or r.allowed for r in rows)
-        if not self.lookahead.enabled or history:
-            return SamplingMetadata.build(rows, eos, vocab, logits.device)
-        return SamplingMetadata.build(rows, eos, vocab, "cpu").to(logits.device)
-
-    def _index(self, values: list[int], device: torch.device) -> torch.Tensor:
-        """values as an int64 index on device; with overlap on, without a stream sync."""
-        index = torch.tensor(values, dtype=torch.int64)
-        if device.type == "cuda" and self.lookahead.enabled:
-            return index.pin_memory().to(device, non_blocking=True)
-        return index.to(device)
-
-    def _finish(self, queued: _Sampling) -> list[SeqResult]:
-        """Wait for the step's tokens; keep each sequence's drafts up to the first that
-        differs from the target's token there, then that token (or the bonus)."""
-        if queued.host is None:
-            return queued.results
-        out = queued.host.wait()
-        props = queued.props
-        token_ids = out.token_ids.tolist()
-        token_lps = out.to_token_logprobs(queued.rows)
-        drafts = [props.drafts[i] for _, i in queued.sampled]
-        starts = list(accumulate((len(d) + 1 for d in drafts), initial=0))
-        windows = [token_ids[r : r + len(d) + 1] for r, d in zip(starts, drafts, strict=False)]
-        accepted = coupled_accept(windows, drafts)
-        for (res, i), r, a in zip(queued.sampled, starts, accepted, strict=False):
-            res.token_ids = token_ids[r : r + a + 1]
-            res.num_accepted_drafts = a
-            lps = token_lps[r : r + a + 1]
-            res.logprobs = None if lps[0] is None else lps
-            if props.probes[i] is not None:
-                res.probe_accepted = props.probes[i] == token_ids[r]
-            if props.lookbacks:
-                res.lookback_accepted = props.lookbacks[i]
-        return queued.results
-
-    def _prompt_logprobs(self, p: SeqPlan, s: SeqState, rows: torch.Tensor):
-        """Logprobs of this chunk's prompt tokens, each given the tokens before it.
-
-        rows[i] holds the logits after token_ids[i]; they score token_ids[i+1]. The
-        chunk's first token is scored by the previous chunk's last row (carried)."""
-        n_prompt = max(0, min(len(p.token_ids), s.num_prompt_tokens - p.start_pos))
-        out: list[TokenLogprobs | None] = []
-        num_top = s.sampling.prompt_logprobs or 0
-        if n_prompt == 0:
-            return out
-        if p.start_pos == 0:
-            out.append(None)
-        else:
-            out.extend(self._score(s.carry_logits[None], p.token_ids[:1], num_top))
-        out.extend(self._score(rows[: n_prompt - 1], p.token_ids[1:n_prompt], num_top))
-        last = p.start_pos + len(p.token_ids)
-        s.carry_logits = rows[len(p.token_ids) - 1].clone() if last < s.num_prompt_tokens else None
-        return out
-
-    @staticmethod
-    def _score(rows: torch.Tensor, token_ids: list[int], num_top: int) -> list[TokenLogprobs]:
-        if not token_ids:
-            return []
-        ids = torch.tensor(token_ids, device=rows.device)
-        lp, rank, top_ids, top_lp = compute_token_logprobs(rows, ids, num_top)
-        lp, rank, top_ids, top_lp = lp.tolist(), rank.tolist(), top_ids.tolist(), top_lp.tolist()
-        return [
-            TokenLogprobs(t, lp[i], list(zip(top_ids[i], top_lp[i], strict=True)), rank[i])
-            for i, t in enumerate(token_ids)
-        ]
