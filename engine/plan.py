@@ -183,6 +183,8 @@ class StepResult:
     draft_time_s: float = 0.0  # time spent proposing drafts
     target_time_s: float = 0.0  # time of the target forward + sampling
     phase_times_s: dict[str, float] = field(default_factory=dict)  # prepare/forward/sample
+    overlap: str | None = None  # overlapped decode: "taken" when the step's results were
+    # the guess queued the step before, "dropped" when a guess was dropped for it
 
 
 @dataclass(slots=True, frozen=True)

@@ -130,8 +130,10 @@ class Worker:
         for seq_id in plan.finished_seq_ids + plan.preempted_seq_ids:
             self.seqs.pop(seq_id, None)
         states = [self._apply(p) for p in plan.seqs]
+        held = self.lookahead.guess is not None
         queued = self.lookahead.take(plan, states)  # this very step, queued last step
         t1 = t2 = t3 = t4 = time.perf_counter()
+        queued_ahead = queued is not None
         if queued is None:
             props = self._cut_drafts(plan, states, self._propose(plan, states))
             t2 = time.perf_counter()
@@ -169,6 +171,7 @@ class Worker:
                 "forward": t4 - t3,
                 "sample": t5 - t4,
             },
+            overlap=("taken" if queued_ahead else "dropped") if held else None,
         )
 
     def _apply(self, p: SeqPlan) -> SeqState:

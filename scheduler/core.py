@@ -112,6 +112,7 @@ class EngineCore:
                 kv_usage=sched.pool.usage,
                 num_running=sched.num_running,
                 num_waiting=sched.num_waiting,
+                overlap=result.overlap,
             )
         )
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -52,7 +53,7 @@ from tandem.scheduler.engine_process import (
 from tandem.scheduler.loop import queue_full_error
 from tandem.scheduler.request import GenerateRequest, RequestOutput
 from tandem.scheduler.scheduler import Scheduler
-from tandem.scheduler.stats import StepStats, StepTotals
+from tandem.scheduler.stats import StepStats
 from tandem.scheduler.streams import Abort, Frontend, Op
 
 logger = logging.getLogger(__name__)
@@ -230,16 +231,7 @@ class ProcessEngineLoop:
                 raise RuntimeError("the engine process is not launched")
             steps = stats.steps
             recent = list(self._recent)
-        totals = StepTotals(
-            steps.num_steps,
-            steps.num_prefill_tokens,
-            steps.num_decode_tokens,
-            steps.num_draft_tokens,
-            steps.num_accepted_drafts,
-            steps.step_time_s,
-            steps.execute_time_s,
-            recent,
-        )
+        totals = dataclasses.replace(steps, recent=recent)
         return EngineStats(stats.scheduler, totals)
 
     def _handshake_info(self) -> Ready:

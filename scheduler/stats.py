@@ -30,6 +30,7 @@ class StepStats:
     kv_usage: float  # fraction of KV blocks in use after the step
     num_running: int  # after the step
     num_waiting: int  # after the step
+    overlap: str | None = None  # StepResult.overlap: "taken", "dropped" or None
 
 
 @dataclass(slots=True)
@@ -44,6 +45,8 @@ class StepTotals:
     step_time_s: float
     execute_time_s: float
     recent: list[StepStats]  # oldest first, at most `history` of them
+    num_guesses_taken: int = 0  # overlapped decode: steps whose results were the guess
+    num_guesses_dropped: int = 0  # guesses the next plan did not match
 
     @property
     def recent_goodput(self) -> float:
@@ -72,6 +75,8 @@ class StepStatsRecorder:
             t.num_accepted_drafts += s.num_accepted_drafts
             t.step_time_s += s.step_time_s
             t.execute_time_s += s.execute_time_s
+            t.num_guesses_taken += s.overlap == "taken"
+            t.num_guesses_dropped += s.overlap == "dropped"
             self._recent.append(s)
 
     def snapshot(self) -> StepTotals:
@@ -86,6 +91,8 @@ class StepStatsRecorder:
                 t.step_time_s,
                 t.execute_time_s,
                 list(self._recent),
+                t.num_guesses_taken,
+                t.num_guesses_dropped,
             )
 
 

@@ -195,6 +195,16 @@ class EngineCollector(Collector):
         for kind, n in zip(TOKEN_KINDS, counts, strict=True):
             tokens.add_metric([self.model_name, kind], float(n))
         yield tokens
+        guesses = CounterMetricFamily(
+            "tandem:overlap_guesses",
+            "Overlapped decode (--overlap-decode): guessed next steps, by outcome: taken "
+            "(the step's results were the guess) or dropped.",
+            labels=["model_name", "outcome"],
+        )
+        taken, dropped = (steps.num_guesses_taken, steps.num_guesses_dropped) if steps else (0, 0)
+        guesses.add_metric([self.model_name, "taken"], float(taken))
+        guesses.add_metric([self.model_name, "dropped"], float(dropped))
+        yield guesses
 
 
 def spec_families(model_name: str, spec: SpecStats | None) -> Iterator[Metric]:

@@ -198,6 +198,14 @@ def throughput_row(d: Layout) -> None:
         "Median prompt and generation tokens per ended request.",
         width=12,
     )
+    d.panel(
+        "Overlapped decode: guesses per second",
+        [(total("tandem:overlap_guesses_total", by="outcome"), "{{outcome}}")],
+        "short",
+        "With --overlap-decode: next steps queued ahead whose results were taken, and "
+        "those dropped because the plan changed. Mostly taken, or the flag does not pay.",
+        width=24,
+    )
 
 
 def queue_row(d: Layout) -> None:

@@ -111,6 +111,8 @@ def test_overlapped_decode_gives_the_plain_path_outputs(case):
     assert generate(core, params, **kwargs) == ref
     la = lookahead_of(core)
     assert la.num_hits > 10, (la.num_hits, la.num_misses)
+    steps = core.stats().steps  # what /metrics exports (tandem:overlap_guesses_total)
+    assert (steps.num_guesses_taken, steps.num_guesses_dropped) == (la.num_hits, la.num_misses)
     if case == "greedy-chunked":  # 29 steps sample every sequence: all but the first
         # are guessed, block boundaries and requests ending by length included
         assert (la.num_hits, la.num_misses) == (28, 0)

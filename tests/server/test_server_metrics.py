@@ -5,6 +5,7 @@ metric table lists exactly what is exported."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import sys
 from pathlib import Path
@@ -92,6 +93,18 @@ def test_engine_families_equal_the_engine_totals():
     assert value(s, "tandem:step_stats_dropped_total") == 0
     s2 = scrape(metrics)  # a second scrape observes no step twice
     assert value(s2, "tandem:iteration_tokens_count") == totals.num_steps
+
+
+def test_overlap_guesses_by_outcome():
+    core = served_core()
+    last = core.stats().steps.recent[-1]
+    for outcome in ("taken", "taken", "dropped", None):
+        core.step_stats.record(dataclasses.replace(last, overlap=outcome))
+    metrics = ServerMetrics("m")
+    metrics.attach(EngineLoop(core))
+    s = scrape(metrics)
+    assert value(s, "tandem:overlap_guesses_total", outcome="taken") == 2
+    assert value(s, "tandem:overlap_guesses_total", outcome="dropped") == 1
 
 
 def test_steps_that_left_the_ring_are_counted_as_dropped():
