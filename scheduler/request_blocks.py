@@ -1,5 +1,6 @@
 """A request's KV blocks against the pool: prefix-cache hits at admission, blocks
-given back after rejected drafts, full blocks offered to the prefix cache.
+given back after rejected drafts, blocks handed out ahead of a run, full blocks offered
+to the prefix cache.
 
 The scheduler decides when; these keep a request's `block_ids`, `block_hashes` and
 `num_registered_blocks` consistent with the pool.
@@ -7,6 +8,7 @@ The scheduler decides when; these keep a request's `block_ids`, `block_hashes` a
 
 from __future__ import annotations
 
+from tandem.engine.plan import KVCacheInfo
 from tandem.scheduler.kv_blocks import ROOT_HASH, BlockPool
 from tandem.scheduler.request import Request
 
@@ -33,6 +35,23 @@ def trim_blocks(pool: BlockPool, req: Request, lookahead_slots: int = 0) -> None
     if len(req.block_ids) > keep:
         pool.free(req.block_ids[keep:])
         del req.block_ids[keep:]
+
+
+def reserve_ahead(
+    pool: BlockPool, req: Request, end: int, kv: KVCacheInfo, max_len: int
+) -> list[int]:
+    """Blocks for the positions just past req's sampling run ending at `end`, where the
+    engine computes ahead (KVCacheInfo.lookahead_slots); appended to req.block_ids and
+    returned. Only unreferenced blocks (an evictable prefix-cache block may go), so
+    never at another run's expense this step; the run's next step needs the block
+    anyway (trim_blocks keeps it). None for a run that ends the request by length."""
+    last = end + 1 - req.num_prompt_tokens >= req.sampling.max_tokens or end + 1 >= max_len
+    extra = pool.blocks_for(end + kv.lookahead_slots) - len(req.block_ids)
+    if last or extra <= 0 or extra > pool.num_free_blocks:
+        return []
+    blocks = pool.allocate(extra)
+    req.block_ids.extend(blocks)
+    return blocks
 
 
 def register_full_blocks(pool: BlockPool, req: Request) -> None:

@@ -25,7 +25,12 @@ from tandem.engine.structured import check_structured_cached
 from tandem.scheduler.config import SchedulerConfig
 from tandem.scheduler.kv_blocks import BlockPool, BlockPoolStats, HashFn, default_block_hash
 from tandem.scheduler.request import GenerateRequest, Request, RequestOutput, RequestStatus
-from tandem.scheduler.request_blocks import prefix_hits, register_full_blocks, trim_blocks
+from tandem.scheduler.request_blocks import (
+    prefix_hits,
+    register_full_blocks,
+    reserve_ahead,
+    trim_blocks,
+)
 from tandem.scheduler.speculation import SpecPlanner
 from tandem.scheduler.stats import SpecStats
 
@@ -202,8 +207,11 @@ class Scheduler:
             step.budget -= self.spec.plan_drafts(
                 self._next_step_id, step.seqs, decodes, step.budget, self._by_seq
             )
-        if self.kv.lookahead_slots:
-            self._reserve_ahead(step)
+        if self.kv.lookahead_slots:  # last: from what the step left free
+            for sp in step.seqs.values():
+                if sp.sample:
+                    req, end = self._by_seq[sp.seq_id], sp.start_pos + len(sp.token_ids)
+                    sp.new_block_ids += reserve_ahead(self.pool, req, end, self.kv, self.max_len)
         plan = StepPlan(step_id=self._next_step_id, seqs=list(step.seqs.values()))
         plan.admits_next = bool(self.waiting) and len(self.running) < self.config.max_num_seqs
         self._next_step_id += 1
@@ -226,7 +234,6 @@ class Scheduler:
         if not self._make_room(req, need, step):
             return
         start = req.num_computed_tokens
-        sample = start + n == len(req.token_ids)
         new_blocks = self.pool.allocate(need)
         req.block_ids.extend(new_blocks)
         step.add(
@@ -235,28 +242,9 @@ class Scheduler:
                 token_ids=req.token_ids[start : start + n],
                 start_pos=start,
                 new_block_ids=new_blocks,
-                sample=sample,
+                sample=start + n == len(req.token_ids),
             )
         )
-
-    def _reserve_ahead(self, step: _Step) -> None:
-        """Give each sampling run the blocks of the positions just past it, where the
-        engine computes ahead (KVCacheInfo.lookahead_slots). Last in the step and only
-        from unreferenced blocks (an evictable prefix-cache block may go), so never at a
-        run's or an admission's expense in this step; a run's next step needs that block
-        anyway (trim_blocks keeps it), unless it ends on a stop token."""
-        slots = self.kv.lookahead_slots
-        for sp in step.seqs.values():
-            req = self._by_seq[sp.seq_id]
-            end = sp.start_pos + len(sp.token_ids)  # tokens after the step, then 1 output
-            last = end + 1 - req.num_prompt_tokens >= req.sampling.max_tokens
-            if not sp.sample or last or end + 1 >= self.max_len:  # it ends with this step
-                continue
-            extra = self.pool.blocks_for(end + slots) - len(req.block_ids)
-            if 0 < extra <= self.pool.num_free_blocks:
-                blocks = self.pool.allocate(extra)
-                req.block_ids.extend(blocks)
-                sp.new_block_ids.extend(blocks)
 
     def _make_room(self, req: Request, need: int, step: _Step) -> bool:
         """Preempt the newest running requests until `need` blocks are free; False if req
@@ -308,7 +296,6 @@ class Scheduler:
         if self.pool.num_free_blocks - self.pool.num_free_among(hits) < need:
             return False
         self.pool.touch(hits)
-        sample = num_cached + n == len(req.token_ids)
         req.block_ids = hits + self.pool.allocate(need)
         req.num_computed_tokens = num_cached
         req.num_registered_blocks = len(hits)
@@ -325,7 +312,7 @@ class Scheduler:
                 token_ids=req.token_ids[num_cached : num_cached + n],
                 start_pos=num_cached,
                 new_block_ids=list(req.block_ids),
-                sample=sample,
+                sample=num_cached + n == len(req.token_ids),
                 new=new,
             )
         )
