@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tandem.engine.transfer import upload
 from tandem.kernels.types import AttnBucket, AttnMetadata
 
 
@@ -51,15 +52,9 @@ def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
 def _uploader(
     device: torch.device | str, non_blocking: bool
 ) -> Callable[[np.ndarray], torch.Tensor]:
-    """A function putting numpy arrays on `device`. non_blocking (CUDA only): staged
-    through pinned memory and copied without waiting for the stream; a plain pageable
-    copy synchronises the stream, which would hold the host behind every queued step."""
-    device = torch.device(device)
-    if non_blocking and device.type == "cuda":
-        return lambda a: (
-            torch.from_numpy(np.ascontiguousarray(a)).pin_memory().to(device, non_blocking=True)
-        )
-    return lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
+    """A function putting numpy arrays on `device` (see engine.transfer.upload)."""
+    dev = torch.device(device)
+    return lambda a: upload(torch.from_numpy(np.ascontiguousarray(a)), dev, non_blocking)
 
 
 def _validate(seqs: list[RunSeq], block_size: int) -> None:
@@ -107,6 +102,17 @@ def _bucket(sel, q_lens, q_start, seq_lens, tables, block_size, whole, put) -> A
     )
 
 
+def _buckets(q_lens, q_start, seq_lens, tables, block_size, put) -> dict[str, AttnBucket]:
+    """The torch backend's buckets: "decode" (single-token runs), "runs" (the rest)."""
+    is_decode = q_lens == 1
+    out = {}
+    for name, sel in (("decode", np.flatnonzero(is_decode)), ("runs", np.flatnonzero(~is_decode))):
+        if len(sel):
+            whole = len(sel) == len(q_lens)
+            out[name] = _bucket(sel, q_lens, q_start[:-1], seq_lens, tables, block_size, whole, put)
+    return out
+
+
 def _block_table_array(seqs: list[RunSeq], seq_lens: np.ndarray, block_size: int) -> np.ndarray:
     """(S, max_blocks) int32 tables cut to the blocks this step touches, padded with 0."""
     num_blocks = -(-seq_lens // block_size)
@@ -145,14 +151,7 @@ def build_model_input(
         positions % block_size
     )
     put = _uploader(device, non_blocking)
-    is_decode = q_lens == 1
-    groups = {}
-    for name, sel in (("decode", np.flatnonzero(is_decode)), ("runs", np.flatnonzero(~is_decode))):
-        if buckets and len(sel):
-            whole = len(sel) == len(seqs)
-            groups[name] = _bucket(
-                sel, q_lens, q_start[:-1], seq_lens, tables, block_size, whole, put
-            )
+    groups = _buckets(q_lens, q_start, seq_lens, tables, block_size, put) if buckets else {}
     num_logits = q_lens - np.array([s.logits_from for s in seqs], dtype=np.int64)
     logits_indices = _ranges(q_start[:-1] + q_lens - num_logits, num_logits)
     input_ids = np.fromiter(

@@ -18,6 +18,7 @@ import torch
 from tandem.engine.plan import SamplingParams
 from tandem.engine.sampling_filters import FilterParams
 from tandem.engine.sampling_noise import SAMPLE_STREAM, noise_key_halves
+from tandem.engine.transfer import upload
 
 
 @dataclass(slots=True)
@@ -126,9 +127,7 @@ class SamplingMetadata:
 
 def _moved(value, device: torch.device):
     if isinstance(value, torch.Tensor):
-        if device.type == "cuda":
-            return value.pin_memory().to(device, non_blocking=True)
-        return value.to(device)
+        return upload(value, device, non_blocking=True)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         fields = {f.name: _moved(getattr(value, f.name), device) for f in dataclasses.fields(value)}
         return dataclasses.replace(value, **fields)

@@ -26,6 +26,7 @@ from tandem.engine.sampler import (
     compute_token_logprobs,
 )
 from tandem.engine.seq_state import SeqState
+from tandem.engine.transfer import upload
 from tandem.engine.verify import coupled_accept
 
 
@@ -127,10 +128,7 @@ class StepSampler:
 
 def device_index(values: list[int], device: torch.device, non_blocking: bool) -> torch.Tensor:
     """values as an int64 index on device; non_blocking (CUDA): without a stream sync."""
-    index = torch.tensor(values, dtype=torch.int64)
-    if device.type == "cuda" and non_blocking:
-        return index.pin_memory().to(device, non_blocking=True)
-    return index.to(device)
+    return upload(torch.tensor(values, dtype=torch.int64), device, non_blocking)
 
 
 def _prompt_logprobs(p: SeqPlan, s: SeqState, rows: torch.Tensor):
