@@ -7,6 +7,7 @@ crosses into a new KV block, everything but a few per-token values is unchanged:
     positions, slot_mapping, seq_lens  + 1
     input_ids                          = the drafts just sampled (still on the device)
     decode mask row b                  True up to the new position of sequence b
+                                       (torch backend only: others have no buckets)
 
 so the step costs a handful of small tensor ops instead of `build_model_input` (numpy
 work, host-to-device copies) and needs no host sync between draft steps.
@@ -32,7 +33,9 @@ def can_advance(inp: ModelInput, next_positions: list[int], block_size: int) -> 
     logits), and each next position (one per sequence, in order) lies in a block that
     its sequence already had in inp (not the first slot of a new block)."""
     meta = inp.attn_meta
-    if meta.runs is not None or meta.decode is None or meta.decode.token_indices is not None:
+    if meta.runs is not None or meta.max_query_len != 1:
+        return False
+    if meta.decode is not None and meta.decode.token_indices is not None:
         return False
     if len(next_positions) != meta.num_tokens or len(inp.num_logits) != meta.num_tokens:
         return False
@@ -44,14 +47,16 @@ def advance(inp: ModelInput, input_ids: torch.Tensor) -> ModelInput:
     fed one position further on. Only valid where `can_advance` said so."""
     meta, bucket = inp.attn_meta, inp.attn_meta.decode
     positions = inp.positions + 1
-    keys = torch.arange(bucket.kv_len, device=positions.device)
-    mask = (keys[None, :] <= positions[:, None]).view(bucket.mask.shape)  # (S, 1, 1, Lb)
+    if bucket is not None:  # the torch backend's gathered-KV mask, one key further
+        keys = torch.arange(bucket.kv_len, device=positions.device)
+        mask = (keys[None, :] <= positions[:, None]).view(bucket.mask.shape)  # (S, 1, 1, Lb)
+        bucket = dataclasses.replace(bucket, mask=mask, kv_rows=None)
     new_meta = dataclasses.replace(
         meta,
         seq_lens=meta.seq_lens + 1,
         slot_mapping=meta.slot_mapping + 1,
         max_seq_len=meta.max_seq_len + 1,
-        decode=dataclasses.replace(bucket, mask=mask, kv_rows=None),
+        decode=bucket,
         kv_write_rows=None,
         workspace=None,
         backend_data=None,
