@@ -25,7 +25,9 @@ and sampling reads no token history (penalties, min_tokens, a grammar: the token
 would read is still on the device). After a dropped guess the worker makes none for
 1, 2, 4 ... 16 steps (doubling while guesses keep missing), so a workload whose
 batches keep changing wastes little device time; and none while the scheduler says
-requests wait that the next step may admit (StepPlan.admits_next).
+the next step may admit a waiting request (a seat and the blocks of its first chunk
+are free: StepPlan.admits_next; a queue held back by a full KV cache does not stop
+guessing).
 """
 
 from __future__ import annotations

@@ -140,8 +140,9 @@ class StepPlan:
     seqs: list[SeqPlan]  # order is the order of results
     finished_seq_ids: list[int] = field(default_factory=list)  # free worker state (before)
     preempted_seq_ids: list[int] = field(default_factory=list)  # ditto, resent as new later
-    admits_next: bool = False  # hint: requests wait that the next step may admit, so it
-    # will not be this step's continuation (an engine guessing the next step does not)
+    admits_next: bool = False  # hint: a request waits that the next step may admit (a
+    # seat and its first chunk's blocks are free), so that step will not be this step's
+    # continuation (an engine guessing the next step does not)
 
     @property
     def num_tokens(self) -> int:

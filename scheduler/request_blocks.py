@@ -13,17 +13,18 @@ from tandem.scheduler.kv_blocks import ROOT_HASH, BlockPool
 from tandem.scheduler.request import Request
 
 
-def prefix_hits(pool: BlockPool, req: Request) -> list[int]:
+def prefix_hits(pool: BlockPool, req: Request, record: bool = True) -> list[int]:
     """Cached blocks for req's leading full blocks, never covering its last token (its
     logits are needed). None for prompt_logprobs requests (they need every prompt
-    position's logits). Records the query in the pool's statistics; takes no
-    references."""
+    position's logits). Records the query in the pool's statistics (unless `record` is
+    False: a look, not an admission); takes no references."""
     if not pool.enable_prefix_caching or req.sampling.prompt_logprobs is not None:
         return []
     pool.extend_hashes(req.token_ids, req.block_hashes)
     max_blocks = (len(req.token_ids) - 1) // pool.block_size
     hits = pool.find_cached(req.token_ids, req.block_hashes[:max_blocks])
-    pool.record_prefix_query(len(req.token_ids), len(hits) * pool.block_size)
+    if record:
+        pool.record_prefix_query(len(req.token_ids), len(hits) * pool.block_size)
     return hits
 
 

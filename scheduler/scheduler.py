@@ -213,7 +213,7 @@ class Scheduler:
                     req, end = self._by_seq[sp.seq_id], sp.start_pos + len(sp.token_ids)
                     sp.new_block_ids += reserve_ahead(self.pool, req, end, self.kv, self.max_len)
         plan = StepPlan(step_id=self._next_step_id, seqs=list(step.seqs.values()))
-        plan.admits_next = bool(self.waiting) and len(self.running) < self.config.max_num_seqs
+        plan.admits_next = self._may_admit_next()
         self._next_step_id += 1
         if plan.seqs:
             plan.finished_seq_ids, self._finished_seq_ids = self._finished_seq_ids, []
@@ -285,6 +285,21 @@ class Scheduler:
             and step.budget > 0
             and len(self.running) < self.config.max_num_seqs
         )
+
+    def _may_admit_next(self) -> bool:
+        """Whether the next step may admit the head of the queue (StepPlan.admits_next):
+        a seat is free, and so are the blocks of the first chunk it would get beside a
+        decode of every running request (the step an engine would guess; with lookahead
+        slots those decodes take no new blocks). Requests finishing may free more, but
+        they change the next plan anyway."""
+        if not self.waiting or len(self.running) >= self.config.max_num_seqs:
+            return False
+        req = self.waiting[0]
+        hits = prefix_hits(self.pool, req, record=False)
+        num_cached = len(hits) * self.pool.block_size
+        n = self._chunk_len(req, num_cached, self.config.max_num_batched_tokens - len(self.running))
+        need = self.pool.blocks_for(num_cached + n) - len(hits)
+        return n > 0 and self.pool.num_free_blocks - self.pool.num_free_among(hits) >= need
 
     def _admit(self, req: Request, step: _Step) -> bool:
         """Start (or restart) req with its first chunk after its prefix-cache hit; False

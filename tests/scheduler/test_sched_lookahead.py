@@ -84,3 +84,20 @@ def test_plans_say_when_the_next_step_may_admit():
     two_running = [a for n, a in flags if n == 2]
     assert two_running and not any(two_running)  # r2 waits, but no seat: no admission
     assert flags[-1] == (1, False)
+
+
+def test_a_request_waiting_for_blocks_is_not_an_admission_next_step():
+    # 8 blocks of 4: r0 (10 prompt + 10 output tokens) holds 3..6 of them, r1's 24-token
+    # prompt needs 6 in one chunk: it waits with a seat free until r0 is done, and the
+    # plans meanwhile say no admission is coming (so an engine may guess the next step)
+    ex = FakeExecutor(num_blocks=8, block_size=4, lookahead_slots=1)
+    core, _ = make_core(ex, max_num_batched_tokens=32, max_num_seqs=4)
+    reqs = [
+        GenerateRequest("r0", list(range(1, 11)), greedy(max_tokens=10)),
+        GenerateRequest("r1", list(range(101, 125)), greedy(max_tokens=2)),
+    ]
+    outs = run_to_end(core, reqs)
+    assert all(tokens_of(outs[r.request_id]) for r in reqs)
+    alone = [p.admits_next for p in ex.plans if [s.seq_id for s in p.seqs] == [0]]
+    assert len(alone) == 10 and not any(alone)
+    assert core.stats().scheduler.kv.num_free_blocks == 8
