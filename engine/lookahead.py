@@ -8,8 +8,15 @@ One after the other, the device idles while the host works. With overlap on, rig
 after a step's sampling is queued, before its one host sync, the worker also queues
 the step most likely to come next, its *guess*: every sequence decodes the token just
 sampled (read on the device, never copied), one position on. The next plan either is
-that step, and its results are the ones already computed, or it is not, and the guess
-is dropped. Nothing else changes: the scheduler does not know guesses exist.
+that step, and its results are the ones already computed, or it is that step less the
+sequences that left (finished by EOS or a stop, aborted, preempted), and the rest take
+their rows of it, or it is anything else, and the guess is dropped. Nothing else
+changes: the scheduler does not know guesses exist.
+
+Taking rows of a larger batch is what any change of batch composition does: a row's
+logits may differ from a smaller batch's in the last bits (other GEMM tiles), so a
+near-tie may break the other way, as it may when a request arrives. With the batch
+unchanged the results are the plain path's to the bit.
 
 A dropped guess's only trace is its KV write at each sequence's next position, inside
 a block the sequence holds but has not filled: if the sequence goes on, its real step
@@ -69,21 +76,26 @@ class Lookahead(Generic[Queued]):
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.guess: Guess[Queued] | None = None
-        self.num_hits = 0  # plans that were the guess
+        self.num_hits = 0  # plans that were the guess (or the guess less some sequences)
+        self.num_partial = 0  # of those, plans less some sequences
         self.num_misses = 0  # guesses dropped
         self._pause = 0  # steps left without guessing
         self._backoff = 1  # the pause after the next miss
 
-    def take(self, plan: StepPlan, states: list[SeqState]) -> Queued | None:
-        """The queued work of the guess if `plan` (applied to `states`) is that step;
-        else None, and the guess, if any, is dropped."""
+    def take(self, plan: StepPlan, states: list[SeqState]) -> tuple[Queued, list[int]] | None:
+        """The queued work of the guess and the guess row of each of plan's sequences,
+        if `plan` (applied to `states`) is that step, or that step less some sequences
+        (finished, aborted, preempted: their rows are left unread); else None, and the
+        guess, if any, is dropped."""
         guess, self.guess = self.guess, None
         if guess is None:
             return None
-        if self._is(guess, plan, states):
+        rows = self._rows(guess, plan, states)
+        if rows is not None:
             self.num_hits += 1
+            self.num_partial += len(rows) < len(guess.seq_ids)
             self._backoff = 1
-            return guess.queued
+            return guess.queued, rows
         self.num_misses += 1
         self._pause = self._backoff
         self._backoff = min(2 * self._backoff, MAX_BACKOFF)
@@ -141,12 +153,18 @@ class Lookahead(Generic[Queued]):
         num_outputs = pos + 1 - s.num_prompt_tokens
         return num_outputs >= s.sampling.max_tokens or pos + 1 >= self.max_model_len
 
-    def _is(self, guess: Guess, plan: StepPlan, states: list[SeqState]) -> bool:
-        if len(plan.seqs) != len(guess.seq_ids) or len(guess.token_ids) != len(plan.seqs):
-            return False
-        for i, (p, s) in enumerate(zip(plan.seqs, states, strict=True)):
+    def _rows(self, guess: Guess, plan: StepPlan, states: list[SeqState]) -> list[int] | None:
+        """The guess row of each of plan's sequences, in order, if each continues its
+        guessed sequence as guessed (the guess may hold more); else None."""
+        if len(guess.token_ids) != len(guess.seq_ids):
+            return None  # the tokens were never known (cannot happen in a worker)
+        rows: list[int] = []
+        i = 0
+        for p, s in zip(plan.seqs, states, strict=True):
+            while i < len(guess.seq_ids) and guess.seq_ids[i] != p.seq_id:
+                i += 1
             if (
-                p.seq_id != guess.seq_ids[i]
+                i == len(guess.seq_ids)
                 or p.new is not None
                 or p.start_pos != guess.start_pos[i]
                 or p.token_ids != [guess.token_ids[i]]
@@ -155,8 +173,10 @@ class Lookahead(Generic[Queued]):
                 or p.draft_token_ids
                 or s.block_table[p.start_pos // self.block_size] != guess.block_ids[i]
             ):
-                return False
-        return True
+                return None
+            rows.append(i)
+            i += 1
+        return rows or None
 
 
 def _plain_sample(p: SeqPlan) -> bool:

@@ -40,6 +40,14 @@ class QueuedSampling:
     props: Proposals  # the drafts the windows verify, probes and look-backs
     device_out: SamplerOutput | None = None  # the sampler's output on the device
     host: HostCopy | None = None  # its copy to the host
+    device_rows: list[int] | None = None  # device_out's row of each plan sequence, when
+    # a plan took some rows of a guess (keep); None: row i is plan sequence i
+
+    def keep(self, rows: list[int]) -> None:
+        """Only `rows` of this (guessed) step stand: the plan's sequences, in order."""
+        if rows != list(range(len(self.results))):
+            self.results = [self.results[r] for r in rows]
+            self.device_rows = rows
 
     def start(self, out: SamplerOutput) -> None:
         self.device_out = out

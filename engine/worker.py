@@ -6,7 +6,8 @@ scheduled token, a sequence with k drafts running a verification window of k+1
 tokens; then sample (and compute logprobs) for the rows that need it and keep the
 drafts that the target agrees with (`step_sampling`, `verify.coupled_accept`). With
 overlapped decode, the guess of the next step is queued between sampling and its host
-sync (`engine.lookahead`), and a plan that is the guess skips all of it. The mirrors never
+sync (`engine.lookahead`), and a plan that is the guess (or the guess less some
+sequences) skips all of it. The mirrors never
 advance on their own: each plan says what to compute, and its start_pos cuts off the
 drafts the previous step rejected.
 
@@ -131,10 +132,12 @@ class Worker:
             self.seqs.pop(seq_id, None)
         states = [self._apply(p) for p in plan.seqs]
         held = self.lookahead.guess is not None
-        queued = self.lookahead.take(plan, states)  # this very step, queued last step
+        taken = self.lookahead.take(plan, states)  # this very step, queued last step
         t1 = t2 = t3 = t4 = time.perf_counter()
-        queued_ahead = queued is not None
-        if queued is None:
+        if taken is not None:
+            queued, rows = taken
+            queued.keep(rows)
+        else:
             props = self._cut_drafts(plan, states, self._propose(plan, states))
             t2 = time.perf_counter()
             run_seqs = []
@@ -171,7 +174,7 @@ class Worker:
                 "forward": t4 - t3,
                 "sample": t5 - t4,
             },
-            overlap=("taken" if queued_ahead else "dropped") if held else None,
+            overlap=("taken" if taken is not None else "dropped") if held else None,
         )
 
     def _apply(self, p: SeqPlan) -> SeqState:
@@ -260,9 +263,10 @@ class Worker:
             RunSeq([0], pos, s.block_table, 0) for pos, (_, s) in zip(positions, seqs, strict=True)
         ]
         inp = self.runner.build_input(run_seqs, non_blocking=True)
-        token_ids = step.device_out.token_ids  # one per plan sequence: k = 0 everywhere
-        if len(follow) < len(plan.seqs):
-            token_ids = token_ids.index_select(0, device_index(follow, token_ids.device, True))
+        token_ids = step.device_out.token_ids  # one per row: k = 0 everywhere
+        index = follow if step.device_rows is None else [step.device_rows[i] for i in follow]
+        if index != list(range(len(token_ids))):
+            token_ids = token_ids.index_select(0, device_index(index, token_ids.device, True))
         inp.input_ids = token_ids
         logits = self.runner.execute(inp)
         rows = [
