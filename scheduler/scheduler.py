@@ -294,22 +294,29 @@ class Scheduler:
         they change the next plan anyway."""
         if not self.waiting or len(self.running) >= self.config.max_num_seqs:
             return False
-        req = self.waiting[0]
-        hits = prefix_hits(self.pool, req, record=False)
-        num_cached = len(hits) * self.pool.block_size
-        n = self._chunk_len(req, num_cached, self.config.max_num_batched_tokens - len(self.running))
-        need = self.pool.blocks_for(num_cached + n) - len(hits)
-        return n > 0 and self.pool.num_free_blocks - self.pool.num_free_among(hits) >= need
+        budget = self.config.max_num_batched_tokens - len(self.running)
+        return budget > 0 and self._first_chunk(self.waiting[0], budget, record=False) is not None
+
+    def _first_chunk(
+        self, req: Request, budget: int, record: bool = True
+    ) -> tuple[list[int], int, int] | None:
+        """req's prefix-cache hits, its first chunk's length within `budget` tokens and
+        the new blocks that chunk needs, if they are free now; else None."""
+        hits = prefix_hits(self.pool, req, record)
+        n = self._chunk_len(req, len(hits) * self.pool.block_size, budget)
+        need = self.pool.blocks_for(len(hits) * self.pool.block_size + n) - len(hits)
+        if self.pool.num_free_blocks - self.pool.num_free_among(hits) < need:
+            return None
+        return hits, n, need
 
     def _admit(self, req: Request, step: _Step) -> bool:
         """Start (or restart) req with its first chunk after its prefix-cache hit; False
         if its blocks do not fit now (admission stops: first come, first served)."""
-        hits = prefix_hits(self.pool, req)
-        num_cached = len(hits) * self.pool.block_size
-        n = self._chunk_len(req, num_cached, step.budget)
-        need = self.pool.blocks_for(num_cached + n) - len(hits)
-        if self.pool.num_free_blocks - self.pool.num_free_among(hits) < need:
+        first = self._first_chunk(req, step.budget)
+        if first is None:
             return False
+        hits, n, need = first
+        num_cached = len(hits) * self.pool.block_size
         self.pool.touch(hits)
         req.block_ids = hits + self.pool.allocate(need)
         req.num_computed_tokens = num_cached
