@@ -142,7 +142,8 @@ class StepPlan:
     preempted_seq_ids: list[int] = field(default_factory=list)  # ditto, resent as new later
     admits_next: bool = False  # hint: a request waits that the next step may admit (a
     # seat and its first chunk's blocks are free), so that step will not be this step's
-    # continuation (an engine guessing the next step does not)
+    # continuation (an engine guessing the next step does not); set only for engines
+    # that declare KVCacheInfo.lookahead_slots
 
     @property
     def num_tokens(self) -> int:

@@ -213,7 +213,9 @@ class Scheduler:
                     req, end = self._by_seq[sp.seq_id], sp.start_pos + len(sp.token_ids)
                     sp.new_block_ids += reserve_ahead(self.pool, req, end, self.kv, self.max_len)
         plan = StepPlan(step_id=self._next_step_id, seqs=list(step.seqs.values()))
-        plan.admits_next = self._may_admit_next()
+        # only an engine that guesses (it declared lookahead slots) reads the hint, which
+        # costs a prefix-cache lookup of the queue's head every step
+        plan.admits_next = bool(self.kv.lookahead_slots) and self._may_admit_next()
         self._next_step_id += 1
         if plan.seqs:
             plan.finished_seq_ids, self._finished_seq_ids = self._finished_seq_ids, []
